@@ -1,0 +1,192 @@
+//! `dirsync-cli`: talks to one node (listing), makes certificates, runs the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use dirsync::certs::{self, CertRequest};
+use dirsync::client::Client;
+use dirsync::demo::Demo;
+use dirsync::listing::Listing;
+
+#[derive(Parser, Debug)]
+#[command(name = "dirsync-cli", version, about = "Client of a dirsync node")]
+struct Cli {
+    /// The node to talk to, HOST:PORT.
+    #[arg(
+        long,
+        env = "DIRSYNC_SERVER",
+        default_value = "127.0.0.1:4433",
+        global = true
+    )]
+    server: String,
+    /// Directory with ca.pem, NAME.pem and NAME.key.
+    #[arg(long, env = "DIRSYNC_CERTS", default_value = "certs", global = true)]
+    certs: PathBuf,
+    /// Our client certificate's name.
+    #[arg(
+        long,
+        env = "DIRSYNC_CLIENT_NAME",
+        default_value = "cli",
+        global = true
+    )]
+    name: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the merged contents of the node and all its peers.
+    Ls {
+        /// Print JSON (a stable schema) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Fail (exit 1) if any peer could not be asked.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Make a private CA and node/client certificates.
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// A node certificate to make; repeatable (default: a and b).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// A client certificate to make; repeatable (default: cli).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        /// An extra host name or IP for the certificates; repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Replace existing certificates of these names (the CA is always kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a local two-node demo and print its merged listing.
+    Demo {
+        /// Keep the demo's files here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the nodes running until Ctrl-C, to try other commands against them.
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dirsync-cli: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Ls { json, strict } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            let listing = client.list().await?;
+            client.close().await;
+            print_listing(&listing, json);
+            if strict && !listing.warnings.is_empty() {
+                bail!(
+                    "{} peer(s) could not be listed (--strict)",
+                    listing.warnings.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            out,
+            nodes,
+            clients,
+            sans,
+            force,
+        } => {
+            let mut req = CertRequest::defaults(out);
+            if !nodes.is_empty() || !clients.is_empty() {
+                req.nodes = nodes;
+                req.clients = clients;
+            }
+            req.extra_sans = sans;
+            req.force = force;
+            let report = certs::generate(&req)?;
+            if report.ca_created {
+                println!("created a new CA in {}", req.out.display());
+            }
+            for p in &report.written {
+                println!("wrote {}", p.display());
+            }
+            for p in &report.kept {
+                println!("kept {} (exists; --force replaces it)", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, keep_running } => demo(dir, keep_running).await,
+    }
+}
+
+fn print_listing(listing: &Listing, json: bool) {
+    if json {
+        println!("{}", listing.to_json());
+    } else {
+        print!("{}", listing.to_table());
+    }
+    for w in &listing.warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+async fn demo(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<ExitCode> {
+    // Keep the nodes' own logging to warnings so the listing stands out.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let temp;
+    let base = match dir {
+        Some(d) => d,
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("dirsync-demo-")
+                .tempdir()
+                .context("cannot make a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let demo = Demo::start(&base).await?;
+    println!(
+        "dirsync demo: node a at {} over {}, node b at {} over {}",
+        demo.nodes[0].local_addr(),
+        base.join("a").display(),
+        demo.nodes[1].local_addr(),
+        base.join("b").display()
+    );
+    println!("merged listing, as `dirsync-cli ls` asked of node a:\n");
+    let listing = demo.listing().await?;
+    print_listing(&listing, false);
+    if keep_running {
+        println!(
+            "\nnodes are running; try:\n  dirsync-cli --server {} --certs {} ls --json\nCtrl-C stops them.",
+            demo.server(),
+            demo.certs.display()
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")?;
+    }
+    demo.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}

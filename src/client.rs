@@ -1,0 +1,187 @@
+//! A typed client of one node, used by `dirsync-cli` and by tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::listing::Listing;
+use crate::tls::{self, Credentials, TlsError};
+use crate::wire::io::{read_message, write_message, StreamError};
+use crate::wire::Message;
+
+/// What a client call can run into; every message says what the user can do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0:?} is not HOST:PORT (e.g. 127.0.0.1:4433)")]
+    BadAddress(String),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("cannot reach the node at {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("the node at {server} answered badly: {reason}")]
+    Protocol { server: String, reason: String },
+    #[error("the node at {server} refused: {reason}")]
+    Refused { server: String, reason: String },
+    #[error(
+        "no answer from the node at {server} within {timeout:?}: is dirsync-node running there?"
+    )]
+    Timeout { server: String, timeout: Duration },
+}
+
+/// A connection to one node, authenticated with a client certificate.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    server: String,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `server` (`HOST:PORT`) as `name`, with `certs_dir/NAME.pem`.
+    pub async fn connect(
+        server: &str,
+        certs_dir: &Path,
+        name: &str,
+    ) -> Result<Client, ClientError> {
+        let creds = Credentials::load(certs_dir, name)?;
+        Self::connect_with(server, &creds).await
+    }
+
+    /// Connects with already loaded credentials.
+    pub async fn connect_with(server: &str, creds: &Credentials) -> Result<Client, ClientError> {
+        let timeout = Duration::from_secs(10);
+        let (host, _) = server
+            .rsplit_once(':')
+            .ok_or_else(|| ClientError::BadAddress(server.to_string()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = tokio::net::lookup_host(server)
+            .await
+            .map_err(|e| ClientError::Resolve(server.to_string(), e.to_string()))?
+            .next()
+            .ok_or_else(|| ClientError::Resolve(server.to_string(), "no address".into()))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("valid literal")
+        } else {
+            "0.0.0.0:0".parse().expect("valid literal")
+        };
+        let connect_err = |reason: String| ClientError::Connect {
+            server: server.to_string(),
+            reason,
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(tls::client_config(creds)?);
+        let connecting = endpoint
+            .connect(addr, host)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    server: server.to_string(),
+                    timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(connect_err(tls::explain_connection_error(&e))),
+            Ok(Ok(c)) => c,
+        };
+        Ok(Client {
+            endpoint,
+            conn,
+            server: server.to_string(),
+            timeout,
+        })
+    }
+
+    /// How long a whole request may take (default 10 s, plus the node's own wait
+    /// for slow peers).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Turns a stream failure into what happened to the connection, if anything:
+    /// a certificate refused by mutual TLS only shows up here, on the first stream.
+    fn stream_error(&self, e: &dyn std::fmt::Display) -> ClientError {
+        match self.conn.close_reason() {
+            Some(reason) => ClientError::Connect {
+                server: self.server.clone(),
+                reason: tls::explain_connection_error(&reason),
+            },
+            None => ClientError::Protocol {
+                server: self.server.clone(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    async fn request(
+        &self,
+        msg: &Message,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| self.stream_error(&e))?;
+        write_message(&mut send, msg)
+            .await
+            .map_err(|e| self.stream_error(&e))?;
+        let _ = send.finish();
+        Ok((send, recv))
+    }
+
+    async fn next(&self, recv: &mut quinn::RecvStream) -> Result<Message, ClientError> {
+        match read_message(recv).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(self.stream_error(&"the node ended the answer early")),
+            Err(StreamError::Frame(e)) => Err(ClientError::Protocol {
+                server: self.server.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(self.stream_error(&e)),
+        }
+    }
+
+    /// The merged listing of the node and all its connected peers.
+    pub async fn list(&self) -> Result<Listing, ClientError> {
+        let work = async {
+            let (_send, mut recv) = self.request(&Message::ListRequest).await?;
+            let mut listing = Listing::default();
+            loop {
+                match self.next(&mut recv).await? {
+                    Message::MergedEntries(chunk) => listing.entries.extend(chunk),
+                    Message::ListEnd { nodes, warnings } => {
+                        listing.nodes = nodes;
+                        listing.warnings = warnings;
+                        return Ok(listing);
+                    }
+                    Message::Refused { reason } => {
+                        return Err(ClientError::Refused {
+                            server: self.server.clone(),
+                            reason,
+                        })
+                    }
+                    other => {
+                        return Err(ClientError::Protocol {
+                            server: self.server.clone(),
+                            reason: format!("unexpected {}", other.kind()),
+                        })
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                server: self.server.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Closes the connection politely and waits briefly for the close to be sent.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,31 @@
+//! dirsync: real-time directory synchronization over mutually authenticated QUIC.
+//!
+//! # Map
+//! | module | what it holds |
+//! |---|---|
+//! | [`wire`] | the protocol: messages, the length-prefixed frame codec (no I/O, fuzzed), thin stream helpers |
+//! | [`hash`] | [`hash::ContentHash`], BLAKE3 of file content, streamed |
+//! | [`certs`] | the private CA and node/client certificates (rcgen) |
+//! | [`tls`] | rustls/quinn configurations and the peer's identity and [`tls::Role`] |
+//! | [`index`] | scanning the synced tree with a hash cache |
+//! | [`listing`] | merging every node's files into one listing; table and JSON output |
+//! | [`node`] | a running node: endpoint, peer sessions, serving requests |
+//! | [`client`] | a typed client of one node (used by `dirsync-cli` and tests) |
+//! | [`config`] | command-line/env options of `dirsync-node`, turned into a [`node::NodeConfig`] |
+//! | [`demo`] | the local two-node demo (`dirsync-cli demo`) |
+//! | [`duration`] | parsing `500ms`, `5s`, `2m` style durations |
+//!
+//! The binaries (`src/bin/`) only parse arguments, call into this library, and map
+//! errors to exit codes.
+
+pub mod certs;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod duration;
+pub mod hash;
+pub mod index;
+pub mod listing;
+pub mod node;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,251 @@
+//! A running `dirsync-node`: one QUIC endpoint that both accepts and dials.
+//!
+//! - [`start`] binds the endpoint and spawns the accept loop and one dialer per
+//!   configured peer; it returns a [`NodeHandle`] that owns every task.
+//! - [`peers`]: dialing with capped exponential backoff, the hello exchange, and the
+//!   session table that keeps exactly one connection per peer.
+//! - [`serve`]: requests arriving on streams, checked against the caller's role.
+
+mod peers;
+mod serve;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::index::Scanner;
+use crate::tls::{self, Credentials, Role, TlsError};
+
+/// Everything a node needs to run. See `dirsync-node --help` for the flags.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's name: its certificate is `certs_dir/NAME.pem`.
+    pub name: String,
+    /// The synced directory.
+    pub dir: PathBuf,
+    /// Where to listen (UDP).
+    pub listen: SocketAddr,
+    /// Peers to dial, as `HOST:PORT`.
+    pub peers: Vec<String>,
+    pub certs_dir: PathBuf,
+    /// Node state; never synced or listed. Usually `dir/.dirsync`.
+    pub state_dir: PathBuf,
+    /// How long a peer may take to answer a request made on a client's behalf.
+    pub peer_timeout: Duration,
+    /// Upper bound of the delay between two attempts to reach a peer.
+    pub max_backoff: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node named `name` over `dir`: listen on `listen`, state in
+    /// `dir/.dirsync`, certificates in `certs_dir`, no peers.
+    pub fn new(name: &str, dir: PathBuf, listen: SocketAddr, certs_dir: PathBuf) -> Self {
+        NodeConfig {
+            name: name.to_string(),
+            state_dir: dir.join(".dirsync"),
+            dir,
+            listen,
+            peers: Vec::new(),
+            certs_dir,
+            peer_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("synced directory {0} does not exist or is not a directory")]
+    NoDir(PathBuf),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "{0} is a {1} certificate; a node needs a node certificate (dirsync-cli certs --node NAME)"
+    )]
+    WrongRole(String, Role),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// QUIC application close codes used by nodes.
+pub mod close_code {
+    /// Orderly shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer speaks another protocol version.
+    pub const VERSION_MISMATCH: u32 = 1;
+    /// The peer's certificate may not do what it asked.
+    pub const FORBIDDEN: u32 = 2;
+    /// Another connection with the same peer is kept instead.
+    pub const DUPLICATE: u32 = 3;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 4;
+}
+
+/// State shared by all of a node's tasks.
+pub(crate) struct Shared {
+    config: NodeConfig,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    sessions: Mutex<HashMap<String, peers::Session>>,
+    /// Per configured peer address: its state, for warnings in listings.
+    peer_status: Mutex<BTreeMap<String, peers::PeerStatus>>,
+    scanner: Arc<Mutex<Scanner>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Resolves when the node is shutting down.
+    async fn cancelled(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// A running node. Dropping it aborts its tasks; [`NodeHandle::shutdown`] stops it
+/// gracefully.
+pub struct NodeHandle {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    local_addr: SocketAddr,
+}
+
+impl NodeHandle {
+    /// The UDP address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn name(&self) -> &str {
+        self.shared.name()
+    }
+
+    /// Names of peers with a live session, sorted.
+    pub fn connected_peers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .shared
+            .live_sessions()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Number of live peer sessions (one per connected peer).
+    pub fn session_count(&self) -> usize {
+        self.shared.live_sessions().len()
+    }
+
+    /// Stops accepting, closes every connection with a reason, and waits for tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.shared
+            .endpoint
+            .close(close_code::SHUTDOWN.into(), b"node shutting down");
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(3), drain)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// Binds the endpoint and starts serving and dialing.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    if !config.dir.is_dir() {
+        return Err(NodeError::NoDir(config.dir.clone()));
+    }
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| NodeError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let creds = Credentials::load(&config.certs_dir, &config.name)?;
+    if creds.identity.role != Role::Node {
+        return Err(NodeError::WrongRole(
+            config
+                .certs_dir
+                .join(format!("{}.pem", config.name))
+                .display()
+                .to_string(),
+            creds.identity.role,
+        ));
+    }
+    let server_config = tls::server_config(&creds)?;
+    let client_config = tls::client_config(&creds)?;
+    let endpoint = bind(server_config, config.listen)?;
+    let local_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let scanner = Scanner::new(config.dir.clone(), std::slice::from_ref(&config.state_dir));
+    let (stop, shutdown) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        endpoint,
+        client_config,
+        sessions: Mutex::default(),
+        peer_status: Mutex::new(
+            config
+                .peers
+                .iter()
+                .map(|p| (p.clone(), peers::PeerStatus::Connecting))
+                .collect(),
+        ),
+        scanner: Arc::new(Mutex::new(scanner)),
+        shutdown,
+        config,
+    });
+    let span = tracing::info_span!("node", name = %shared.name());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve::accept_loop(shared.clone()).instrument(span.clone()));
+    for peer in shared.config.peers.clone() {
+        tasks.spawn(peers::dial_loop(shared.clone(), peer).instrument(span.clone()));
+    }
+    tracing::info!(parent: &span, "listening on {local_addr}, syncing {}", shared.config.dir.display());
+    Ok(NodeHandle {
+        shared,
+        stop,
+        tasks,
+        local_addr,
+    })
+}
+
+/// Binds a UDP endpoint. An unspecified IPv6 address (`:PORT`) falls back to IPv4
+/// on hosts without IPv6.
+fn bind(
+    server_config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, NodeError> {
+    match quinn::Endpoint::server(server_config.clone(), addr) {
+        Ok(ep) => Ok(ep),
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            quinn::Endpoint::server(server_config, v4)
+                .map_err(|_| NodeError::Bind { addr, source: e })
+        }
+        Err(source) => Err(NodeError::Bind { addr, source }),
+    }
+}

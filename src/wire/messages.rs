@@ -1,0 +1,153 @@
+//! Message types. Variant order is part of the wire format: append only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ContentHash;
+
+/// A point in time as seconds and nanoseconds since the Unix epoch (UTC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    /// Nanoseconds since the epoch.
+    pub fn as_nanos(&self) -> i128 {
+        self.secs as i128 * 1_000_000_000 + self.nanos as i128
+    }
+
+    /// From a file's modification time.
+    pub fn from_system_time(t: std::time::SystemTime) -> Self {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                // Before 1970: represent as negative seconds with a positive nanos part.
+                let d = e.duration();
+                let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Timestamp { secs, nanos }
+            }
+        }
+    }
+
+    /// As a UTC date-time, if representable.
+    pub fn to_datetime(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::from_timestamp(self.secs, self.nanos.min(999_999_999))
+    }
+}
+
+/// One regular file as a single node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the synced root, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub modified: Timestamp,
+    pub hash: ContentHash,
+}
+
+/// One node's copy of a file in a merged listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Copy {
+    pub node: String,
+    pub size: u64,
+    pub modified: Timestamp,
+    pub hash: ContentHash,
+}
+
+/// A path in the merged listing with every node's copy, copies sorted by node name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedEntry {
+    pub path: String,
+    pub copies: Vec<Copy>,
+}
+
+/// Everything that crosses a stream. See the module map in [`crate::wire`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// 0: first request on a node-to-node connection, and its answer.
+    Hello { version: u32, name: String },
+    /// 1: the request was refused; `reason` is meant for a human.
+    Refused { reason: String },
+    /// 2: client -> node: the merged listing of all nodes.
+    ListRequest,
+    /// 3: node -> node: the answering node's own files.
+    PeerListRequest,
+    /// 4: a chunk of a node's own files.
+    LocalEntries(Vec<FileEntry>),
+    /// 5: a chunk of the merged listing.
+    MergedEntries(Vec<MergedEntry>),
+    /// 6: end of a listing: the nodes whose files it holds, and warnings naming
+    /// peers that could not be asked.
+    ListEnd {
+        nodes: Vec<String>,
+        warnings: Vec<String>,
+    },
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Refused { .. } => "Refused",
+            Message::ListRequest => "ListRequest",
+            Message::PeerListRequest => "PeerListRequest",
+            Message::LocalEntries(_) => "LocalEntries",
+            Message::MergedEntries(_) => "MergedEntries",
+            Message::ListEnd { .. } => "ListEnd",
+        }
+    }
+}
+
+/// Splits `items` into runs whose estimated encoded size stays near `target` bytes,
+/// so that a list of any length crosses the network in bounded frames.
+pub fn chunk_by_size<T>(
+    items: Vec<T>,
+    target: usize,
+    estimate: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = Vec<T>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for item in items {
+        let s = estimate(&item);
+        if !current.is_empty() && size + s > target {
+            chunks.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += s;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks.into_iter()
+}
+
+impl FileEntry {
+    /// Upper bound of this entry's encoded size.
+    pub fn encoded_size_hint(&self) -> usize {
+        self.path.len() + 32 + 10 + 10 + 5 + 5
+    }
+}
+
+impl MergedEntry {
+    /// Upper bound of this entry's encoded size.
+    pub fn encoded_size_hint(&self) -> usize {
+        self.path.len()
+            + 5
+            + self
+                .copies
+                .iter()
+                .map(|c| c.node.len() + 5 + 32 + 10 + 10 + 5)
+                .sum::<usize>()
+    }
+}
