@@ -61,7 +61,14 @@ impl Ca {
     pub fn generate() -> Result<Ca, CertError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "dirsync development CA");
+        // A distinct name per CA, so a certificate from another CA reads as
+        // "unknown issuer" rather than as a bad signature from a same-named one.
+        let key = KeyPair::generate()?;
+        let id = blake3::hash(key.public_key_raw()).to_hex();
+        dn.push(
+            DnType::CommonName,
+            format!("dirsync development CA {}", &id[..12]),
+        );
         dn.push(DnType::OrganizationName, ORGANIZATION);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -73,7 +80,6 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(3650);
-        let key = KeyPair::generate()?;
         let cert_pem = params.self_signed(&key)?.pem();
         let issuer = Issuer::new(params, KeyPair::from_pem(&key.serialize_pem())?);
         Ok(Ca {

@@ -241,7 +241,7 @@ pub fn explain_connection_error(e: &quinn::ConnectionError) -> String {
         .filter(|c| (0x100..0x200).contains(c))
         .map(|c| c - 0x100);
     match alert {
-        Some(42) | Some(48) | Some(46) => format!(
+        Some(42 | 43 | 44 | 46 | 48 | 51) => format!(
             "the node refused our certificate ({e}): it was not signed by the node's CA; use certificates made by the same `dirsync-cli certs` run as the node's"
         ),
         Some(45) => format!("the node refused our certificate: it has expired ({e}); make new ones with `dirsync-cli certs --force`"),

@@ -171,6 +171,14 @@ impl NodeHandle {
         }
         let _ =
             tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        // The endpoint's driver task releases the socket once the last handle is
+        // gone; wait (bounded) until it has, so a restart can bind the same port.
+        let addr = self.local_addr;
+        drop(self);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while std::net::UdpSocket::bind(addr).is_err() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
