@@ -63,7 +63,7 @@ pub struct Identity {
 /// Errors loading credentials or reading identities.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {reason}. Make certificates with `just certs` (or `dirsync-cli certs --out DIR`) and point --certs at that directory")]
+    #[error("cannot read {path}: {reason}. Make certificates with `just certs` (nodes a and b, client cli) or `dirsync-cli certs --out DIR --node NAME`, and point --certs at that directory")]
     Load { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),

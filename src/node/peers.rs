@@ -35,7 +35,7 @@ pub(crate) enum PeerStatus {
     Down { error: String },
 }
 
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 impl Shared {
