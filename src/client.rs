@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::events::{Event, NodeStatus};
 use crate::listing::Listing;
 use crate::tls::{self, Credentials, TlsError};
 use crate::wire::io::{read_message, write_message, StreamError};
@@ -178,6 +179,53 @@ impl Client {
                 server: self.server.clone(),
                 timeout: self.timeout,
             }),
+        }
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let work = async {
+            let (_send, mut recv) = self.request(&Message::StatusRequest).await?;
+            match self.next(&mut recv).await? {
+                Message::Status(s) => Ok(s),
+                other => Err(self.unexpected(other)),
+            }
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                server: self.server.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Streams the node's events to `on_event` until it returns false or the node
+    /// goes away.
+    pub async fn watch(&self, mut on_event: impl FnMut(Event) -> bool) -> Result<(), ClientError> {
+        let (_send, mut recv) = self.request(&Message::WatchRequest).await?;
+        loop {
+            match self.next(&mut recv).await? {
+                Message::Event(e) => {
+                    if !on_event(e) {
+                        return Ok(());
+                    }
+                }
+                other => return Err(self.unexpected(other)),
+            }
+        }
+    }
+
+    fn unexpected(&self, msg: Message) -> ClientError {
+        match msg {
+            Message::Refused { reason } => ClientError::Refused {
+                server: self.server.clone(),
+                reason,
+            },
+            other => ClientError::Protocol {
+                server: self.server.clone(),
+                reason: format!("unexpected {}", other.kind()),
+            },
         }
     }
 

@@ -38,6 +38,15 @@ pub struct NodeArgs {
     /// Longest delay between two attempts to reach a peer that is down.
     #[arg(long, env = "DIRSYNC_MAX_BACKOFF", default_value = "10s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// Full rescan period, a safety net behind the inotify watcher.
+    #[arg(long, env = "DIRSYNC_RESCAN_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub rescan_interval: Duration,
+    /// Do not watch with inotify; find changes by periodic rescans only.
+    #[arg(long, env = "DIRSYNC_NO_WATCH")]
+    pub no_watch: bool,
+    /// Serve and list this directory, but never apply peers' changes to it.
+    #[arg(long, env = "DIRSYNC_SEND_ONLY")]
+    pub send_only: bool,
     /// Log filter, e.g. `info` or `dirsync=debug` (default: $RUST_LOG, else info).
     #[arg(long, env = "DIRSYNC_LOG")]
     pub log: Option<String>,
@@ -91,6 +100,9 @@ impl NodeArgs {
             .collect();
         config.peer_timeout = self.peer_timeout;
         config.max_backoff = self.max_backoff;
+        config.rescan_interval = self.rescan_interval;
+        config.watch = !self.no_watch;
+        config.send_only = self.send_only;
         Ok(config)
     }
 }

@@ -1,11 +1,13 @@
 //! The local two-node demo behind `dirsync-cli demo`: certificates, two folders
-//! with sample files, nodes `a` and `b` on loopback, and a client of `a`.
+//! with different sample files (one edited differently on each side, a conflict),
+//! nodes `a` and `b` on loopback syncing them, and a client of `a` listing the result.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::certs::{self, CertRequest};
 use crate::client::{Client, ClientError};
+use crate::events::Event;
 use crate::listing::Listing;
 use crate::node::{self, NodeConfig, NodeError, NodeHandle};
 
@@ -60,6 +62,8 @@ pub struct Demo {
     pub base: PathBuf,
     pub certs: PathBuf,
     pub nodes: Vec<NodeHandle>,
+    /// Each node's events since it started.
+    events: Vec<tokio::sync::broadcast::Receiver<Event>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
@@ -90,13 +94,16 @@ impl Demo {
             certs_dir.clone(),
         ))
         .await?;
+        let a_events = a.events();
         let mut b_config = NodeConfig::new("b", base.join("b"), loopback, certs_dir.clone());
         b_config.peers = vec![a.local_addr().to_string()];
         let b = node::start(b_config).await?;
+        let events = vec![a_events, b.events()];
         let demo = Demo {
             base: base.to_path_buf(),
             certs: certs_dir,
             nodes: vec![a, b],
+            events,
         };
         let limit = Duration::from_secs(10);
         let deadline = Instant::now() + limit;
@@ -107,6 +114,42 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(demo)
+    }
+
+    /// Calls `on_event` for everything either node has done since it started.
+    pub fn forward_events(
+        &mut self,
+        on_event: impl Fn(Event) + Send + Sync + 'static,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let on_event = std::sync::Arc::new(on_event);
+        std::mem::take(&mut self.events)
+            .into_iter()
+            .map(|mut rx| {
+                let f = on_event.clone();
+                tokio::spawn(async move {
+                    while let Ok(e) = rx.recv().await {
+                        f(e);
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until both nodes hold the same files with the same content; returns the
+    /// merged listing then.
+    pub async fn converged(&self, limit: Duration) -> Result<Listing, DemoError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let listing = self.listing().await?;
+            let done = listing
+                .entries
+                .iter()
+                .all(|e| e.copies.len() == self.nodes.len() && e.in_sync());
+            if done || Instant::now() > deadline {
+                return Ok(listing);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The address of node `a`, which the demo's client talks to.

@@ -29,6 +29,14 @@ impl ContentHash {
         Self::of_reader(std::fs::File::open(path)?)
     }
 
+    /// Hashes the first `len` bytes of the file at `path`. Returns `None` if the file
+    /// is shorter than that (it changed since its size was read).
+    pub fn of_file_prefix(path: &Path, len: u64) -> io::Result<Option<Self>> {
+        let mut hasher = blake3::Hasher::new();
+        let read = io::copy(&mut std::fs::File::open(path)?.take(len), &mut hasher)?;
+        Ok((read == len).then(|| ContentHash(*hasher.finalize().as_bytes())))
+    }
+
     /// Lower-case hex, 64 characters.
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()

@@ -7,8 +7,14 @@
 //! | [`hash`] | [`hash::ContentHash`], BLAKE3 of file content, streamed |
 //! | [`certs`] | the private CA and node/client certificates (rcgen) |
 //! | [`tls`] | rustls/quinn configurations and the peer's identity and [`tls::Role`] |
-//! | [`index`] | scanning the synced tree with a hash cache |
+//! | [`index`] | scanning the tree, the persistent index (SQLite), local change detection |
+//! | [`engine`] | the sync engine: local scans, applying peers' records, transfers, conflicts |
+//! | [`events`] | what a node does, as events (log lines, `dirsync-cli watch`) and its status |
 //! | [`listing`] | merging every node's files into one listing; table and JSON output |
+//! | [`path`] | [`path::RelPath`]: relative paths validated so a peer can never escape the root |
+//! | [`sync`] | the pure sync model: records, version vectors, diff to a plan, conflicts |
+//! | [`ignore`] | `.dirsyncignore` rules (gitignore syntax) |
+//! | [`watch`] | inotify events coalesced into batches of changed paths |
 //! | [`node`] | a running node: endpoint, peer sessions, serving requests |
 //! | [`client`] | a typed client of one node (used by `dirsync-cli` and tests) |
 //! | [`config`] | command-line/env options of `dirsync-node`, turned into a [`node::NodeConfig`] |
@@ -23,9 +29,15 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod duration;
+pub mod engine;
+pub mod events;
 pub mod hash;
+pub mod ignore;
 pub mod index;
 pub mod listing;
 pub mod node;
+pub mod path;
+pub mod sync;
 pub mod tls;
+pub mod watch;
 pub mod wire;

@@ -1,5 +1,6 @@
 //! `dirsync-cli`: talks to one node (listing), makes certificates, runs the demo.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,6 +47,17 @@ enum Command {
         /// Fail (exit 1) if any peer could not be asked.
         #[arg(long)]
         strict: bool,
+    },
+    /// Stream what the node does (transfers, deletions, conflicts), live.
+    Watch {
+        /// JSON lines instead of human lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The node's peers, indexed files and transfers.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
     /// Make a private CA and node/client certificates.
     Certs {
@@ -103,6 +115,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Watch { json } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            client
+                .watch(|e| {
+                    let line = if json {
+                        serde_json::to_string(&e).unwrap_or_default()
+                    } else {
+                        e.human()
+                    };
+                    // Stop quietly when stdout is closed (e.g. piped into `head`).
+                    writeln!(std::io::stdout(), "{line}").is_ok()
+                })
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            let status = client.status().await?;
+            client.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs {
             out,
             nodes,
@@ -130,6 +168,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, keep_running } => demo(dir, keep_running).await,
+    }
+}
+
+fn print_status(s: &dirsync::events::NodeStatus) {
+    println!("node {} syncing {}", s.name, s.dir);
+    println!(
+        "indexed: {} files, {}",
+        s.files,
+        dirsync::listing::human_size(s.bytes)
+    );
+    println!(
+        "transfers: {} in flight, {} queued",
+        s.transfers_in_flight, s.transfers_queued
+    );
+    if s.peers.is_empty() {
+        println!("peers: none");
+    }
+    for p in &s.peers {
+        match (p.connected, &p.since, &p.last_error) {
+            (true, Some(since), _) => println!(
+                "peer {}: connected since {since} ({})",
+                p.name,
+                p.address.as_deref().unwrap_or("?")
+            ),
+            (_, _, Some(err)) => println!("peer {}: not connected: {err}", p.name),
+            _ => println!("peer {}: not connected", p.name),
+        }
     }
 }
 
@@ -166,16 +231,25 @@ async fn demo(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<ExitCo
             temp.path().to_path_buf()
         }
     };
-    let demo = Demo::start(&base).await?;
+    let mut demo = Demo::start(&base).await?;
     println!(
-        "dirsync demo: node a at {} over {}, node b at {} over {}",
+        "dirsync demo: node a at {} over {}, node b at {} over {}\n",
         demo.nodes[0].local_addr(),
         base.join("a").display(),
         demo.nodes[1].local_addr(),
         base.join("b").display()
     );
-    println!("merged listing, as `dirsync-cli ls` asked of node a:\n");
-    let listing = demo.listing().await?;
+    let started = std::time::Instant::now();
+    let printers = demo.forward_events(|e| {
+        if !matches!(e.event, dirsync::events::EventKind::LocalChanges) {
+            println!("{}", e.human());
+        }
+    });
+    let listing = demo.converged(std::time::Duration::from_secs(20)).await?;
+    println!(
+        "\nconverged in {} ms; merged listing, as `dirsync-cli ls` asks node a:\n",
+        started.elapsed().as_millis()
+    );
     print_listing(&listing, false);
     if keep_running {
         println!(
@@ -186,6 +260,9 @@ async fn demo(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<ExitCo
         tokio::signal::ctrl_c()
             .await
             .context("cannot listen for Ctrl-C")?;
+    }
+    for p in printers {
+        p.abort();
     }
     demo.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -36,7 +36,21 @@ async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let node = dirsync::node::start(config)
         .await
         .context("cannot start the node")?;
+    // One human line per action, e.g. `a: <- docs/report.pdf from b (1.2 MiB, 38 ms)`.
+    let mut events = node.events();
+    let printer = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(e) => eprintln!("{}", e.human()),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("({n} events not shown)")
+                }
+                Err(_) => return,
+            }
+        }
+    });
     wait_for_signal().await?;
+    printer.abort();
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

@@ -6,6 +6,7 @@
 //!   session table that keeps exactly one connection per peer.
 //! - [`serve`]: requests arriving on streams, checked against the caller's role.
 
+mod local;
 mod peers;
 mod serve;
 
@@ -19,7 +20,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::index::Scanner;
+use crate::engine::Engine;
+use crate::events::Event;
 use crate::tls::{self, Credentials, Role, TlsError};
 
 /// Everything a node needs to run. See `dirsync-node --help` for the flags.
@@ -40,6 +42,12 @@ pub struct NodeConfig {
     pub peer_timeout: Duration,
     /// Upper bound of the delay between two attempts to reach a peer.
     pub max_backoff: Duration,
+    /// Watch the tree with inotify (otherwise only periodic rescans find changes).
+    pub watch: bool,
+    /// A full rescan runs this often, as a safety net behind the watcher.
+    pub rescan_interval: Duration,
+    /// Serve and list, but never apply peers' changes here.
+    pub send_only: bool,
 }
 
 impl NodeConfig {
@@ -55,6 +63,9 @@ impl NodeConfig {
             certs_dir,
             peer_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(10),
+            watch: true,
+            rescan_interval: Duration::from_secs(300),
+            send_only: false,
         }
     }
 }
@@ -75,6 +86,8 @@ pub enum NodeError {
         "{0} is a {1} certificate; a node needs a node certificate (dirsync-cli certs --node NAME)"
     )]
     WrongRole(String, Role),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -104,7 +117,7 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<String, peers::Session>>,
     /// Per configured peer address: its state, for warnings in listings.
     peer_status: Mutex<BTreeMap<String, peers::PeerStatus>>,
-    scanner: Arc<Mutex<Scanner>>,
+    engine: Arc<Engine>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -137,6 +150,16 @@ impl NodeHandle {
 
     pub fn name(&self) -> &str {
         self.shared.name()
+    }
+
+    /// The node's sync engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    /// Everything the node does from now on (transfers, deletions, conflicts...).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.shared.engine.events()
     }
 
     /// Names of peers with a live session, sorted.
@@ -209,7 +232,12 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         addr: config.listen,
         source,
     })?;
-    let scanner = Scanner::new(config.dir.clone(), std::slice::from_ref(&config.state_dir));
+    let engine = Engine::open(&config.name, &config.dir, &config.state_dir)?;
+    // What changed while the node was down is versioned before any peer is asked.
+    let changed = engine.scan(None).await?;
+    if changed > 0 {
+        tracing::info!("{}: {changed} changes since the last run", config.name);
+    }
     let (stop, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared {
         endpoint,
@@ -222,13 +250,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
                 .map(|p| (p.clone(), peers::PeerStatus::Connecting))
                 .collect(),
         ),
-        scanner: Arc::new(Mutex::new(scanner)),
+        engine,
         shutdown,
         config,
     });
     let span = tracing::info_span!("node", name = %shared.name());
     let mut tasks = JoinSet::new();
     tasks.spawn(serve::accept_loop(shared.clone()).instrument(span.clone()));
+    tasks.spawn(local::watch_loop(shared.clone()).instrument(span.clone()));
     for peer in shared.config.peers.clone() {
         tasks.spawn(peers::dial_loop(shared.clone(), peer).instrument(span.clone()));
     }

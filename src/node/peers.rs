@@ -13,6 +13,7 @@ use quinn::Connection;
 use tracing::{debug, info, warn};
 
 use super::{close_code, Shared};
+use crate::events::{Event, EventKind};
 use crate::tls::{self, Role};
 use crate::wire::io::{read_message, write_message};
 use crate::wire::{Message, PROTOCOL_VERSION};
@@ -23,7 +24,6 @@ pub(crate) struct Session {
     pub conn: Connection,
     /// Name of the node that dialed this connection.
     pub dialer: String,
-    #[allow(dead_code)]
     pub since: SystemTime,
 }
 
@@ -91,6 +91,11 @@ impl Shared {
             },
             conn.remote_address()
         );
+        self.engine.emit(
+            Event::new(self.name(), EventKind::PeerConnected)
+                .peer(peer)
+                .detail(conn.remote_address().to_string()),
+        );
         true
     }
 
@@ -107,6 +112,11 @@ impl Shared {
                 .map(|e| tls::explain_connection_error(&e))
                 .unwrap_or_else(|| "closed".into());
             info!("peer {peer} disconnected: {reason}");
+            self.engine.emit(
+                Event::new(self.name(), EventKind::PeerDisconnected)
+                    .peer(peer)
+                    .detail(reason),
+            );
         }
     }
 
@@ -160,9 +170,10 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, addr: String) {
                         role: Role::Node,
                     },
                 );
+                let pulled = pull_from(shared.clone(), name.clone(), conn.clone());
                 tokio::select! {
                     _ = shared.cancelled() => return,
-                    _ = served => {}
+                    _ = async { tokio::join!(served, pulled) } => {}
                 }
                 shared.unregister(&name, &conn);
                 shared.set_status(
@@ -348,5 +359,57 @@ async fn hello(shared: &Shared, conn: &Connection) -> Result<Message, String> {
         Ok(Some(m)) => Ok(m),
         Ok(None) => Err("peer closed the hello stream without answering".into()),
         Err(e) => Err(explain(&e)),
+    }
+}
+
+/// Applies the peer's index until the connection ends; a failure closes the
+/// connection so that the dialer reconnects and resumes from the recorded progress.
+pub(crate) async fn pull_from(shared: Arc<Shared>, peer: String, conn: Connection) {
+    if shared.config.send_only {
+        return;
+    }
+    if let Err(e) =
+        crate::engine::session::pull(shared.engine.clone(), peer.clone(), conn.clone()).await
+    {
+        if conn.close_reason().is_none() {
+            warn!("index exchange with {peer} failed: {e}");
+            conn.close(
+                close_code::PROTOCOL.into(),
+                format!("index exchange failed: {e}").as_bytes(),
+            );
+        }
+    }
+}
+
+impl Shared {
+    /// Every configured or connected peer, for status.
+    pub(crate) fn peer_states(&self) -> Vec<crate::events::PeerState> {
+        let rfc = |t: SystemTime| {
+            chrono::DateTime::<chrono::Utc>::from(t)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        };
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<crate::events::PeerState> = sessions
+            .iter()
+            .filter(|(_, s)| s.conn.close_reason().is_none())
+            .map(|(name, s)| crate::events::PeerState {
+                name: name.clone(),
+                address: Some(s.conn.remote_address().to_string()),
+                connected: true,
+                since: Some(rfc(s.since)),
+                last_error: None,
+            })
+            .collect();
+        drop(sessions);
+        for (addr, why) in self.unreachable_peers() {
+            out.push(crate::events::PeerState {
+                name: addr.clone(),
+                address: Some(addr),
+                connected: false,
+                since: None,
+                last_error: Some(why),
+            });
+        }
+        out
     }
 }

@@ -7,6 +7,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{close_code, Shared};
+use crate::engine::session::serve_subscribe;
+use crate::engine::transfer::serve_fetch;
+use crate::events::{Event, EventKind, NodeStatus};
 use crate::listing::merge;
 use crate::tls::{self, Identity, Role};
 use crate::wire::io::{read_message, write_message, StreamError};
@@ -112,6 +115,17 @@ async fn handle_stream(
         Message::PeerListRequest if id.role == Role::Node => {
             answer_peer_list(&shared, &mut send).await
         }
+        Message::Subscribe { index_id, since } if id.role == Role::Node => {
+            serve_subscribe(&shared.engine, index_id, since, &mut send).await
+        }
+        Message::FetchRequest { path, hash } if id.role == Role::Node => {
+            serve_fetch(&shared.engine, path, hash, &mut send).await
+        }
+        Message::WatchRequest => answer_watch(&shared, &mut send).await,
+        Message::StatusRequest => {
+            let status = status(&shared).await;
+            write_message(&mut send, &Message::Status(status)).await
+        }
         other => {
             let reason = match id.role {
                 Role::Client => format!(
@@ -136,7 +150,7 @@ async fn handle_stream(
 /// The answer to a peer's first request: hello back, or a refusal that closes the
 /// connection with a reason both sides log.
 async fn answer_hello(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conn: &Connection,
     id: &Identity,
     send: &mut SendStream,
@@ -200,29 +214,55 @@ async fn answer_hello(
         version: PROTOCOL_VERSION,
         name: shared.name().to_string(),
     };
-    write_message(send, &hello).await
+    write_message(send, &hello).await?;
+    let _ = send.finish();
+    // This stream's task now pulls the peer's index for as long as the session lives.
+    super::peers::pull_from(shared.clone(), id.name.clone(), conn.clone()).await;
+    Ok(())
 }
 
-/// This node's own files, from a scan that reuses the hash cache.
+/// This node's own files: a rescan (cheap: the index proves unchanged files by
+/// their stat) and then the index.
 async fn local_entries(shared: &Shared) -> Result<Vec<FileEntry>, String> {
-    let scanner = shared.scanner.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut s = scanner.lock().unwrap_or_else(|p| p.into_inner());
-        s.scan()
-    })
-    .await
-    .map_err(|e| format!("scan task failed: {e}"))?
-    .map_err(|e| e.to_string())?;
-    for w in &outcome.warnings {
-        warn!("{w}");
+    if let Err(e) = shared.engine.scan(None).await {
+        warn!("{e}");
     }
-    if outcome.hashed_files > 0 {
-        debug!(
-            "hashed {} files ({} bytes)",
-            outcome.hashed_files, outcome.hashed_bytes
-        );
+    shared.engine.local_files().await.map_err(|e| e.to_string())
+}
+
+/// Streams this node's events to a client until it goes away.
+async fn answer_watch(shared: &Shared, send: &mut SendStream) -> Result<(), StreamError> {
+    let mut events = shared.engine.events();
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = send.stopped() => return Ok(()),
+        };
+        match event {
+            Ok(e) => write_message(send, &Message::Event(e)).await?,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let note = Event::new(shared.name(), EventKind::Failed)
+                    .detail(format!("{n} events dropped: the watcher was too slow"));
+                write_message(send, &Message::Event(note)).await?
+            }
+            Err(_) => return Ok(()),
+        }
     }
-    Ok(outcome.entries)
+}
+
+/// The node's status for `dirsync-cli status`.
+async fn status(shared: &Shared) -> NodeStatus {
+    let (files, bytes) = shared.engine.totals().await.unwrap_or((0, 0));
+    let (in_flight, queued) = shared.engine.transfers.snapshot();
+    NodeStatus {
+        name: shared.name().to_string(),
+        dir: shared.config.dir.display().to_string(),
+        peers: shared.peer_states(),
+        files,
+        bytes,
+        transfers_in_flight: in_flight,
+        transfers_queued: queued,
+    }
 }
 
 async fn answer_peer_list(shared: &Shared, send: &mut SendStream) -> Result<(), StreamError> {

@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, NodeStatus};
 use crate::hash::ContentHash;
+use crate::sync::record::Record;
 
 /// A point in time as seconds and nanoseconds since the Unix epoch (UTC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -90,6 +92,30 @@ pub enum Message {
         nodes: Vec<String>,
         warnings: Vec<String>,
     },
+    /// 7: node -> node: send me your index records after `since` (from 0 if
+    /// `index_id` is not your index's id), then keep sending new ones as they come.
+    Subscribe {
+        index_id: Option<[u8; 16]>,
+        since: u64,
+    },
+    /// 8: index records in sequence order; `max_seq` is the last one's sequence.
+    IndexBatch {
+        index_id: [u8; 16],
+        max_seq: u64,
+        records: Vec<Record>,
+    },
+    /// 9: node -> node: the content of `path`, which must still have `hash`.
+    FetchRequest { path: String, hash: ContentHash },
+    /// 10: answer to `FetchRequest`: exactly `size` raw bytes follow on the stream.
+    FileHeader { size: u64 },
+    /// 11: client -> node: stream this node's events as they happen.
+    WatchRequest,
+    /// 12: one event (answer to `WatchRequest`).
+    Event(Event),
+    /// 13: client -> node: this node's status.
+    StatusRequest,
+    /// 14: answer to `StatusRequest`.
+    Status(NodeStatus),
 }
 
 impl Message {
@@ -103,6 +129,14 @@ impl Message {
             Message::LocalEntries(_) => "LocalEntries",
             Message::MergedEntries(_) => "MergedEntries",
             Message::ListEnd { .. } => "ListEnd",
+            Message::Subscribe { .. } => "Subscribe",
+            Message::IndexBatch { .. } => "IndexBatch",
+            Message::FetchRequest { .. } => "FetchRequest",
+            Message::FileHeader { .. } => "FileHeader",
+            Message::WatchRequest => "WatchRequest",
+            Message::Event(_) => "Event",
+            Message::StatusRequest => "StatusRequest",
+            Message::Status(_) => "Status",
         }
     }
 }
@@ -136,6 +170,21 @@ impl FileEntry {
     /// Upper bound of this entry's encoded size.
     pub fn encoded_size_hint(&self) -> usize {
         self.path.len() + 32 + 10 + 10 + 5 + 5
+    }
+}
+
+impl Record {
+    /// Upper bound of this record's encoded size.
+    pub fn encoded_size_hint(&self) -> usize {
+        self.path.len()
+            + self.modified_by.len()
+            + self.target.as_ref().map_or(0, |t| t.len())
+            + self
+                .version
+                .iter()
+                .map(|(n, _)| n.len() + 15)
+                .sum::<usize>()
+            + 90
     }
 }
 

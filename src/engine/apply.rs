@@ -1,0 +1,913 @@
+//! Executing a plan against the disk: every file is written to a temporary name in
+//! its target directory, verified, fsynced, and renamed into place only if the
+//! local path is still what the index says (a concurrent local edit is never
+//! overwritten: the scanner versions it and the version vectors decide).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quinn::Connection;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{transfer, Engine, EngineError};
+use crate::events::{Event, EventKind};
+use crate::hash::ContentHash;
+use crate::index::store::IndexId;
+use crate::index::{Entry, StatKey, Store, Update, TEMP_PREFIX};
+use crate::path::RelPath;
+use crate::sync::diff::{self, LocalIndex, Step};
+use crate::sync::record::{Kind, Record};
+use crate::wire::Timestamp;
+
+/// How many files of one batch are fetched at once.
+const PARALLEL_FETCHES: usize = 32;
+
+/// The index, as the pure planner sees it.
+struct View<'a>(&'a Store);
+
+impl LocalIndex for View<'_> {
+    fn get(&self, path: &str) -> Option<Record> {
+        match self.0.get(path) {
+            Ok(e) => e.map(|e| e.record),
+            Err(e) => {
+                tracing::warn!("index read for {path}: {e}");
+                None
+            }
+        }
+    }
+    fn find_by_hash(&self, hash: &ContentHash) -> Option<String> {
+        self.0.find_by_hash(hash).ok().flatten()
+    }
+}
+
+/// What applying a batch achieved.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Records that could not be applied now, to retry.
+    pub failed: Vec<Record>,
+    /// Number of steps carried out.
+    pub steps: usize,
+}
+
+/// The result of one step: index updates, an event, directories to fsync, and
+/// paths the scanner should look at again.
+#[derive(Default)]
+struct Done {
+    updates: Vec<Update>,
+    event: Option<Event>,
+    dirs: Vec<PathBuf>,
+    rescan: Vec<String>,
+}
+
+/// Plans and applies `records` from `peer`, then commits the results together with
+/// the peer's progress: `progress` is `(index id, sequence)` to record unless a
+/// record of this batch fails, in which case progress stops just before it.
+pub async fn apply_batch(
+    engine: &Arc<Engine>,
+    peer: &str,
+    conn: &Connection,
+    records: Vec<Record>,
+    progress: Option<(IndexId, u64)>,
+) -> Result<Applied, EngineError> {
+    // What this node ignores, it neither receives nor deletes.
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| {
+            !engine.is_ignored(&r.path, r.kind == Kind::Dir)
+                || crate::path::RelPath::parse(&r.path).is_err()
+        })
+        .collect();
+    let by_path: HashMap<String, Record> = records
+        .iter()
+        .map(|r| (r.path.clone(), r.clone()))
+        .collect();
+    let plan = engine
+        .with_store(move |s| diff::plan(&View(s), &records))
+        .await?;
+    for (path, why) in &plan.refused {
+        tracing::warn!("{}: refused a record from {peer}: {why}", engine.name);
+        engine.emit(
+            Event::new(&engine.name, EventKind::Refused)
+                .path(path.clone())
+                .peer(peer)
+                .detail(why.to_string()),
+        );
+    }
+    let paths: Vec<String> = plan.steps.iter().flat_map(step_paths).collect();
+    engine
+        .installing
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(paths.iter().cloned());
+
+    let mut applied = Applied::default();
+    let mut done: Vec<Done> = Vec::new();
+    // Phases: directories, links and version merges in plan order (parents first);
+    // then file contents in parallel; then deletions (children first). A link is
+    // therefore in place before any file below its name is considered, and refused.
+    let (mut first, mut files, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+    for step in plan.steps {
+        match step {
+            Step::MakeDir { .. } | Step::MakeSymlink { .. } | Step::Adopt { .. } => {
+                first.push(step)
+            }
+            // A directory that wins over a file must exist before its children.
+            Step::Conflict { ref remote, .. } if remote.kind == Kind::Dir && !remote.deleted => {
+                first.push(step)
+            }
+            Step::Delete { .. } => deletes.push(step),
+            _ => files.push(step),
+        }
+    }
+    for step in first {
+        let remote = step_remote(&step).cloned();
+        match run_step(
+            engine.clone(),
+            peer.to_string(),
+            conn.clone(),
+            step,
+            &by_path,
+        )
+        .await
+        {
+            Ok(d) => done.push(d),
+            Err(e) => fail(engine, peer, remote, e, &mut applied),
+        }
+        applied.steps += 1;
+    }
+    let mut parallel = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(PARALLEL_FETCHES));
+    for step in files {
+        let remote_of = step_remote(&step).cloned();
+        let (engine, peer, conn, slots, by_path) = (
+            engine.clone(),
+            peer.to_string(),
+            conn.clone(),
+            slots.clone(),
+            by_path.clone(),
+        );
+        engine.transfers.queued.fetch_add(1, Ordering::Relaxed);
+        parallel.spawn(async move {
+            let permit = slots.acquire_owned().await;
+            engine.transfers.queued.fetch_sub(1, Ordering::Relaxed);
+            engine.transfers.in_flight.fetch_add(1, Ordering::Relaxed);
+            let r = run_step(engine.clone(), peer.clone(), conn, step, &by_path).await;
+            engine.transfers.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            (engine, peer, remote_of, r)
+        });
+    }
+    drain(&mut parallel, &mut done, &mut applied).await;
+    for step in deletes {
+        let remote = step_remote(&step).cloned();
+        match run_step(
+            engine.clone(),
+            peer.to_string(),
+            conn.clone(),
+            step,
+            &by_path,
+        )
+        .await
+        {
+            Ok(d) => done.push(d),
+            Err(e) => fail(engine, peer, remote, e, &mut applied),
+        }
+        applied.steps += 1;
+    }
+    commit(engine, peer, done, progress, &mut applied, &paths).await?;
+    Ok(applied)
+}
+
+fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, applied: &mut Applied) {
+    let path = remote.as_ref().map(|r| r.path.clone()).unwrap_or_default();
+    tracing::debug!("{}: {path} from {peer} failed: {error}", engine.name);
+    engine.emit(
+        Event::new(&engine.name, EventKind::Failed)
+            .path(path)
+            .peer(peer)
+            .detail(error),
+    );
+    if let Some(r) = remote {
+        applied.failed.push(r);
+    }
+}
+
+/// A finished parallel step: who ran it, for which record, and how it went.
+type Finished = (Arc<Engine>, String, Option<Record>, Result<Done, String>);
+
+async fn drain(set: &mut JoinSet<Finished>, done: &mut Vec<Done>, applied: &mut Applied) {
+    while let Some(joined) = set.join_next().await {
+        let Ok((engine, peer, remote, r)) = joined else {
+            continue;
+        };
+        applied.steps += 1;
+        match r {
+            Ok(d) => done.push(d),
+            Err(e) => fail(&engine, &peer, remote, e, applied),
+        }
+    }
+}
+
+/// Fsyncs the touched directories, commits every update and the peer's progress in
+/// one transaction, then announces: only now does the index call these files synced.
+async fn commit(
+    engine: &Arc<Engine>,
+    peer: &str,
+    done: Vec<Done>,
+    progress: Option<(IndexId, u64)>,
+    applied: &mut Applied,
+    paths: &[String],
+) -> Result<(), EngineError> {
+    let dirs: BTreeSet<PathBuf> = done.iter().flat_map(|d| d.dirs.iter().cloned()).collect();
+    let updates: Vec<Update> = done
+        .iter()
+        .flat_map(|d| d.updates.iter().cloned())
+        .collect();
+    let rescan: Vec<String> = done.iter().flat_map(|d| d.rescan.iter().cloned()).collect();
+    let floor = applied.failed.iter().map(|r| r.seq.saturating_sub(1)).min();
+    let progress = progress.map(|(id, seq)| (id, floor.map_or(seq, |f| f.min(seq))));
+    let peer_name = peer.to_string();
+    let result = engine
+        .with_store(move |s| {
+            for d in &dirs {
+                if let Ok(f) = File::open(d) {
+                    let _ = f.sync_all();
+                }
+            }
+            if updates.is_empty() && progress.is_none() {
+                return Ok(s.max_seq());
+            }
+            s.commit(
+                &updates,
+                progress
+                    .as_ref()
+                    .map(|(id, seq)| (peer_name.as_str(), *id, *seq)),
+            )
+        })
+        .await;
+    {
+        let mut installing = engine.installing.lock().unwrap_or_else(|p| p.into_inner());
+        for p in paths {
+            installing.remove(p);
+        }
+    }
+    let max = result??;
+    engine.seq.send_if_modified(|s| {
+        let changed = *s != max;
+        *s = max;
+        changed
+    });
+    for d in done {
+        if let Some(e) = d.event {
+            tracing::debug!("{}", e.human());
+            engine.emit(e);
+        }
+    }
+    if !rescan.is_empty() {
+        if let Err(e) = engine.scan(Some(rescan)).await {
+            tracing::warn!("{}: rescan after apply: {e}", engine.name);
+        }
+    }
+    Ok(())
+}
+
+/// Every path a step writes, so scans leave them alone until the commit.
+fn step_paths(step: &Step) -> Vec<String> {
+    match step {
+        Step::Adopt { path, .. } => vec![path.clone()],
+        Step::Fetch { remote, .. }
+        | Step::MakeDir { remote }
+        | Step::MakeSymlink { remote }
+        | Step::Delete { remote } => {
+            vec![remote.path.clone()]
+        }
+        Step::Rename { from, remote, .. } => vec![from.clone(), remote.path.clone()],
+        Step::Conflict {
+            remote,
+            conflict_copy,
+            ..
+        } => vec![remote.path.clone(), conflict_copy.clone()],
+    }
+}
+
+fn step_remote(step: &Step) -> Option<&Record> {
+    match step {
+        Step::Adopt { .. } => None,
+        Step::Fetch { remote, .. }
+        | Step::MakeDir { remote }
+        | Step::MakeSymlink { remote }
+        | Step::Delete { remote }
+        | Step::Rename { remote, .. }
+        | Step::Conflict { remote, .. } => Some(remote),
+    }
+}
+
+async fn local_entry(engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, String> {
+    let p = path.to_string();
+    match engine.with_store(move |s| s.get(&p)).await {
+        Ok(Ok(e)) => Ok(e),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn run_step(
+    engine: Arc<Engine>,
+    peer: String,
+    conn: Connection,
+    step: Step,
+    batch: &HashMap<String, Record>,
+) -> Result<Done, String> {
+    let ev = |kind: EventKind, path: &str| {
+        Event::new(&engine.name, kind)
+            .path(path)
+            .peer(peer.as_str())
+    };
+    match step {
+        Step::Adopt { path, version } => {
+            let local = local_entry(&engine, &path).await?;
+            let (record, stat) = match local {
+                Some(e) => (
+                    Record {
+                        version,
+                        ..e.record
+                    },
+                    e.stat,
+                ),
+                None => match batch.get(&path) {
+                    Some(r) => (r.clone(), None),
+                    None => return Err(format!("nothing to adopt for {path}")),
+                },
+            };
+            Ok(Done {
+                updates: vec![Update { record, stat }],
+                ..Done::default()
+            })
+        }
+        Step::Fetch {
+            remote,
+            local_source,
+        } => {
+            let local = local_entry(&engine, &remote.path).await?;
+            let (stat, bytes, millis, dir) = install_file(
+                &engine,
+                &conn,
+                &remote,
+                local.as_ref(),
+                local_source.as_deref(),
+            )
+            .await?;
+            let event = match &local_source {
+                Some(src) => ev(EventKind::CopiedLocally, &remote.path)
+                    .detail(src.clone())
+                    .bytes(bytes),
+                None => ev(EventKind::Received, &remote.path)
+                    .bytes(bytes)
+                    .millis(millis),
+            };
+            Ok(Done {
+                updates: vec![Update {
+                    record: remote,
+                    stat: Some(stat),
+                }],
+                event: Some(event),
+                dirs: vec![dir],
+                rescan: vec![],
+            })
+        }
+        Step::MakeDir { remote } => {
+            let local = local_entry(&engine, &remote.path).await?;
+            let (stat, dir) = make_dir(&engine.root, &remote, local.as_ref())?;
+            Ok(Done {
+                updates: vec![Update {
+                    record: remote.clone(),
+                    stat: Some(stat),
+                }],
+                event: Some(ev(EventKind::MadeDir, &remote.path)),
+                dirs: vec![dir],
+                rescan: vec![],
+            })
+        }
+        Step::MakeSymlink { remote } => {
+            let local = local_entry(&engine, &remote.path).await?;
+            let (stat, dir) = make_symlink(&engine.root, &remote, local.as_ref())?;
+            let target = remote.target.clone().unwrap_or_default();
+            Ok(Done {
+                updates: vec![Update {
+                    record: remote.clone(),
+                    stat: Some(stat),
+                }],
+                event: Some(ev(EventKind::MadeLink, &remote.path).detail(target)),
+                dirs: vec![dir],
+                rescan: vec![],
+            })
+        }
+        Step::Delete { remote } => {
+            let local = local_entry(&engine, &remote.path).await?;
+            let (dir, rescan) = delete(&engine.root, &remote, local.as_ref())?;
+            if !rescan.is_empty() && only_indexed_children(&engine, &remote.path).await {
+                // What is left is known to the index: its deletions are still on
+                // their way (another batch). Retry rather than resurrect the tree.
+                return Err(format!("{} is not empty yet", remote.path));
+            }
+            Ok(Done {
+                updates: vec![Update {
+                    record: remote.clone(),
+                    stat: None,
+                }],
+                event: Some(ev(EventKind::Deleted, &remote.path)),
+                dirs: dir.into_iter().collect(),
+                rescan,
+            })
+        }
+        Step::Rename {
+            from,
+            remote,
+            from_tombstone,
+        } => {
+            let local_from = local_entry(&engine, &from).await?;
+            let local_to = local_entry(&engine, &remote.path).await?;
+            let (stat, dirs) = rename(
+                &engine.root,
+                &from,
+                &remote,
+                local_from.as_ref(),
+                local_to.as_ref(),
+            )?;
+            let updates = vec![
+                Update {
+                    record: remote.clone(),
+                    stat: Some(stat),
+                },
+                Update {
+                    record: from_tombstone,
+                    stat: None,
+                },
+            ];
+            Ok(Done {
+                updates,
+                event: Some(ev(EventKind::Renamed, &remote.path).detail(from)),
+                dirs,
+                rescan: vec![],
+            })
+        }
+        Step::Conflict {
+            local,
+            remote,
+            conflict_copy,
+        } => conflict(&engine, &peer, &conn, local, remote, conflict_copy).await,
+    }
+}
+
+/// Whether every entry left in directory `path` has a live index record (so it is
+/// synced content whose deletion has not arrived yet, not new local content).
+async fn only_indexed_children(engine: &Arc<Engine>, path: &str) -> bool {
+    let Ok(abs) = rel_abs(&engine.root, path) else {
+        return false;
+    };
+    let Ok(read) = fs::read_dir(&abs) else {
+        return false;
+    };
+    let children: Vec<String> = read
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(|n| format!("{path}/{n}")))
+        .collect();
+    let lookup = engine
+        .with_store(move |s| {
+            children
+                .iter()
+                .all(|c| matches!(s.get(c), Ok(Some(e)) if !e.record.deleted))
+        })
+        .await;
+    matches!(lookup, Ok(true))
+}
+
+/// The local copy lost a conflict: move it aside as a conflict copy (a new local
+/// file that syncs like any other), then take the winner under a merged version.
+async fn conflict(
+    engine: &Arc<Engine>,
+    peer: &str,
+    conn: &Connection,
+    local: Record,
+    remote: Record,
+    copy: String,
+) -> Result<Done, String> {
+    let entry = local_entry(engine, &local.path).await?;
+    let abs = rel_abs(&engine.root, &local.path)?;
+    check_unchanged(&abs, entry.as_ref())?;
+    // Two conflicts on one path within a second would get the same name: number them.
+    let mut copy = copy;
+    let base = copy.clone();
+    for n in 2.. {
+        let taken = rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
+            || local_entry(engine, &copy)
+                .await?
+                .is_some_and(|e| !e.record.deleted);
+        if !taken {
+            break;
+        }
+        if n > 1000 {
+            return Err(format!("no free conflict copy name for {}", local.path));
+        }
+        copy = numbered(&base, n);
+    }
+    let copy_entry = local_entry(engine, &copy).await?;
+    let copy_abs = rel_abs(&engine.root, &copy)?;
+    fs::rename(&abs, &copy_abs).map_err(|e| format!("moving {} aside: {e}", local.path))?;
+    let copy_stat = copy_abs.symlink_metadata().map(|m| StatKey::of(&m)).ok();
+    let mut copy_version = copy_entry.map(|e| e.record.version).unwrap_or_default();
+    copy_version.bump(&engine.name);
+    let copy_record = Record {
+        path: copy.clone(),
+        version: copy_version,
+        modified_by: engine.name.clone(),
+        deleted: false,
+        ..local.clone()
+    };
+    let winner = Record {
+        version: local.version.merge(&remote.version),
+        ..remote.clone()
+    };
+    let mut dirs = vec![parent_of(&copy_abs)];
+    let stat = match winner.kind {
+        _ if winner.deleted => None,
+        Kind::File => {
+            let (stat, _, _, dir) = install_file(engine, conn, &winner, None, None).await?;
+            dirs.push(dir);
+            Some(stat)
+        }
+        Kind::Dir => Some(make_dir(&engine.root, &winner, None)?.0),
+        Kind::Symlink => Some(make_symlink(&engine.root, &winner, None)?.0),
+    };
+    let detail = format!(
+        "kept {}'s; {}'s copy saved as {copy}",
+        remote.modified_by, local.modified_by
+    );
+    let event = Event::new(&engine.name, EventKind::Conflict)
+        .path(local.path.clone())
+        .peer(peer)
+        .detail(detail);
+    Ok(Done {
+        updates: vec![
+            Update {
+                record: copy_record,
+                stat: copy_stat,
+            },
+            Update {
+                record: winner,
+                stat,
+            },
+        ],
+        event: Some(event),
+        dirs,
+        rescan: vec![],
+    })
+}
+
+/// `x.sync-conflict-DATE-TIME-NODE.ext` -> `x.sync-conflict-DATE-TIME-NODE-n.ext`.
+fn numbered(copy: &str, n: u32) -> String {
+    let (dir, file) = match copy.rsplit_once('/') {
+        Some((d, f)) => (format!("{d}/"), f),
+        None => (String::new(), copy),
+    };
+    let mark = file.find(".sync-conflict-").map_or(0, |i| i + 1);
+    match file[mark..].find('.') {
+        Some(dot) => format!("{dir}{}-{n}{}", &file[..mark + dot], &file[mark + dot..]),
+        None => format!("{dir}{file}-{n}"),
+    }
+}
+
+fn rel_abs(root: &Path, path: &str) -> Result<PathBuf, String> {
+    RelPath::parse(path)
+        .map(|r| r.to_path(root))
+        .map_err(|e| e.to_string())
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    p.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Creates the missing parent directories of `rel`, refusing to go through anything
+/// that is not a real directory (a symlink planted by a peer must never redirect a
+/// write outside the root).
+fn ensure_parents(root: &Path, rel: &RelPath) -> Result<(), String> {
+    for ancestor in rel.ancestors() {
+        let abs = ancestor.to_path(root);
+        match abs.symlink_metadata() {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("refused: {ancestor} is not a directory (a symlink or a file), so {rel} is not written")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir(&abs).map_err(|e| format!("creating {ancestor}: {e}"))?;
+            }
+            Err(e) => return Err(format!("{ancestor}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The path on disk is still what the index entry says (or absent, for none or a
+/// tombstone): otherwise a local change happened after planning, and wins.
+fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
+    let meta = abs.symlink_metadata();
+    let live = local.filter(|e| !e.record.deleted);
+    let ok = match (live, &meta) {
+        (None, Err(e)) => e.kind() == std::io::ErrorKind::NotFound,
+        (None, Ok(_)) => false,
+        (Some(_), Err(_)) => false,
+        (Some(e), Ok(m)) => match e.record.kind {
+            Kind::Dir => m.is_dir(),
+            Kind::Symlink => {
+                m.file_type().is_symlink()
+                    && fs::read_link(abs)
+                        .ok()
+                        .and_then(|t| t.to_str().map(str::to_owned))
+                        == e.record.target
+            }
+            Kind::File => {
+                m.is_file()
+                    && match &e.stat {
+                        Some(s) => *s == StatKey::of(m),
+                        None => ContentHash::of_file(abs).ok() == Some(e.record.hash),
+                    }
+            }
+        },
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} changed locally since it was indexed; the local change wins for now",
+            abs.display()
+        ))
+    }
+}
+
+/// Removes what is at `abs` so that something of another kind can take its place.
+fn clear_for_kind_change(abs: &Path, local: Option<&Entry>, new_kind: Kind) -> Result<(), String> {
+    let Some(e) = local.filter(|e| !e.record.deleted && e.record.kind != new_kind) else {
+        return Ok(());
+    };
+    match e.record.kind {
+        Kind::Dir => fs::remove_dir(abs).map_err(|err| {
+            format!(
+                "replacing directory {} (must be empty): {err}",
+                abs.display()
+            )
+        }),
+        _ => fs::remove_file(abs).map_err(|err| format!("replacing {}: {err}", abs.display())),
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary name next to `abs`, never listed or synced.
+fn temp_name(abs: &Path) -> PathBuf {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name: String = abs
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("f")
+        .chars()
+        .take(100)
+        .collect();
+    parent_of(abs).join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos.into())
+    }
+}
+
+/// Writes the remote file's content to a temp file (from a local copy with the same
+/// hash, or from the peer), verifies it, sets mode and mtime, fsyncs, and renames it
+/// into place if the local path is unchanged. Returns its stat, size, duration in
+/// ms and its directory.
+async fn install_file(
+    engine: &Arc<Engine>,
+    conn: &Connection,
+    remote: &Record,
+    local: Option<&Entry>,
+    source: Option<&str>,
+) -> Result<(StatKey, u64, u64, PathBuf), String> {
+    let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
+    ensure_parents(&engine.root, &rel)?;
+    let abs = rel.to_path(&engine.root);
+    let tmp = temp_name(&abs);
+    let started = Instant::now();
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let written = match source {
+        Some(src) => {
+            let src = rel_abs(&engine.root, src)?;
+            let hash = remote.hash;
+            let mut f = file.try_clone().map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || transfer::copy_local(&src, hash, &mut f))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        }
+        None => transfer::fetch(conn, &remote.path, remote.hash, remote.size, &mut file)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    let (mode, modified) = (remote.mode & 0o777, system_time(remote.modified));
+    let finish = move |file: File| -> Result<(), String> {
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(|e| e.to_string())?;
+        file.set_modified(modified).map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())
+    };
+    let result = match written {
+        Ok(n) => tokio::task::spawn_blocking(move || finish(file).map(|_| n))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    };
+    let bytes = match result.and_then(|n| {
+        check_unchanged(&abs, local)
+            .or_else(|e| clear_for_kind_change(&abs, local, Kind::File).map_err(|_| e))?;
+        fs::rename(&tmp, &abs).map_err(|e| format!("installing {}: {e}", remote.path))?;
+        Ok(n)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let stat = abs
+        .symlink_metadata()
+        .map(|m| StatKey::of(&m))
+        .map_err(|e| e.to_string())?;
+    Ok((
+        stat,
+        bytes,
+        started.elapsed().as_millis() as u64,
+        parent_of(&abs),
+    ))
+}
+
+fn make_dir(
+    root: &Path,
+    remote: &Record,
+    local: Option<&Entry>,
+) -> Result<(StatKey, PathBuf), String> {
+    let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
+    ensure_parents(root, &rel)?;
+    let abs = rel.to_path(root);
+    match abs.symlink_metadata() {
+        Ok(m) if m.is_dir() => {}
+        _ => {
+            check_unchanged(&abs, local)
+                .or_else(|e| clear_for_kind_change(&abs, local, Kind::Dir).map_err(|_| e))?;
+            fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
+        }
+    }
+    let _ = fs::set_permissions(&abs, Permissions::from_mode((remote.mode & 0o777) | 0o700));
+    let stat = abs
+        .symlink_metadata()
+        .map(|m| StatKey::of(&m))
+        .map_err(|e| e.to_string())?;
+    Ok((stat, parent_of(&abs)))
+}
+
+fn make_symlink(
+    root: &Path,
+    remote: &Record,
+    local: Option<&Entry>,
+) -> Result<(StatKey, PathBuf), String> {
+    let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
+    let target = remote
+        .target
+        .as_deref()
+        .ok_or_else(|| format!("symlink {rel} without a target"))?;
+    ensure_parents(root, &rel)?;
+    let abs = rel.to_path(root);
+    check_unchanged(&abs, local)
+        .or_else(|e| clear_for_kind_change(&abs, local, Kind::Symlink).map_err(|_| e))?;
+    let tmp = temp_name(&abs);
+    // The link is created, never followed: its target may point anywhere.
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("symlink {rel}: {e}"))?;
+    if let Err(e) = fs::rename(&tmp, &abs) {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!("installing link {rel}: {e}"));
+    }
+    let stat = abs
+        .symlink_metadata()
+        .map(|m| StatKey::of(&m))
+        .map_err(|e| e.to_string())?;
+    Ok((stat, parent_of(&abs)))
+}
+
+/// Deletes the local path if it is unchanged. A directory that still holds local
+/// files the peer did not know is kept and rescanned, so it comes back everywhere.
+fn delete(
+    root: &Path,
+    remote: &Record,
+    local: Option<&Entry>,
+) -> Result<(Option<PathBuf>, Vec<String>), String> {
+    let abs = rel_abs(root, &remote.path)?;
+    let Some(entry) = local.filter(|e| !e.record.deleted) else {
+        return Ok((None, vec![]));
+    };
+    check_unchanged(&abs, Some(entry))?;
+    let r = match entry.record.kind {
+        Kind::Dir => fs::remove_dir(&abs),
+        _ => fs::remove_file(&abs),
+    };
+    match r {
+        Ok(()) => Ok((Some(parent_of(&abs)), vec![])),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, vec![])),
+        Err(_) if entry.record.kind == Kind::Dir => Ok((None, vec![remote.path.clone()])),
+        Err(e) => Err(format!("deleting {}: {e}", remote.path)),
+    }
+}
+
+fn rename(
+    root: &Path,
+    from: &str,
+    remote: &Record,
+    local_from: Option<&Entry>,
+    local_to: Option<&Entry>,
+) -> Result<(StatKey, Vec<PathBuf>), String> {
+    let from_abs = rel_abs(root, from)?;
+    let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
+    let to_abs = rel.to_path(root);
+    if local_from.is_none_or(|e| e.record.deleted || e.record.hash != remote.hash) {
+        return Err(format!("{from} no longer has the renamed content"));
+    }
+    check_unchanged(&from_abs, local_from)?;
+    check_unchanged(&to_abs, local_to)?;
+    ensure_parents(root, &rel)?;
+    fs::rename(&from_abs, &to_abs).map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
+    let f = File::options()
+        .write(true)
+        .open(&to_abs)
+        .map_err(|e| e.to_string())?;
+    let _ = f.set_permissions(Permissions::from_mode(remote.mode & 0o777));
+    let _ = f.set_modified(system_time(remote.modified));
+    let stat = to_abs
+        .symlink_metadata()
+        .map(|m| StatKey::of(&m))
+        .map_err(|e| e.to_string())?;
+    Ok((stat, vec![parent_of(&from_abs), parent_of(&to_abs)]))
+}
+
+/// Removes temporary files an interrupted transfer left behind. Returns how many.
+pub fn clean_temp_files(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(read) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in read.flatten() {
+            let Ok(ft) = entry.file_type() else { continue };
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+                if fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            } else if ft.is_dir() && name != crate::index::STATE_DIR_NAME {
+                stack.push(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn numbered_conflict_copies() {
+        assert_eq!(
+            numbered("d/n.sync-conflict-20260101-000000-a.txt", 2),
+            "d/n.sync-conflict-20260101-000000-a-2.txt"
+        );
+        assert_eq!(
+            numbered("Makefile.sync-conflict-20260101-000000-a", 3),
+            "Makefile.sync-conflict-20260101-000000-a-3"
+        );
+        assert_eq!(
+            numbered(".bashrc.sync-conflict-20260101-000000-a", 2),
+            ".bashrc.sync-conflict-20260101-000000-a-2"
+        );
+    }
+}

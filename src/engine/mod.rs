@@ -1,0 +1,379 @@
+//! The sync engine of one node.
+//!
+//! - Local side: scans (whole tree, or the paths a watcher batch names) are compared
+//!   with the index; differences become new local versions, committed in one
+//!   transaction per batch and announced to subscribed peers through `seq`.
+//! - Remote side ([`apply`]): a batch of a peer's records is planned with the pure
+//!   [`crate::sync::diff::plan`], then executed: files come from a local file with
+//!   the same content or over one QUIC stream each ([`transfer`]), are verified,
+//!   fsynced and renamed into place; the results are committed with the peer's
+//!   progress in one transaction.
+//! - The folder marker (`DIR/.dirsync/folder-id`) guards against a vanished or
+//!   unmounted directory being read as "everything was deleted".
+
+pub mod apply;
+pub mod session;
+pub mod transfer;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{broadcast, watch};
+
+use crate::events::{Event, EventKind};
+use crate::hash::ContentHash;
+use crate::ignore::IgnoreRules;
+use crate::index::changes::{detect, within};
+use crate::index::scan::{self, ScanContext};
+use crate::index::{Entry, ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
+use crate::wire::Timestamp;
+
+/// Name of the folder marker file inside `DIR/.dirsync/`.
+const MARKER: &str = "folder-id";
+/// When a file changed while it was hashed, it is scanned again after this long.
+const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the folder marker {marker} is missing or belongs to another index, but the index in {state} knows {files} files: the folder looks unmounted or replaced, so nothing is scanned (that would delete everything on every peer). Mount or restore the folder; if it really is a new, empty folder, remove {state}/index.db and this node will only receive")]
+    MarkerMissing {
+        marker: PathBuf,
+        state: PathBuf,
+        files: u64,
+    },
+    #[error(".dirsyncignore: {0}")]
+    Ignore(String),
+    #[error("engine task failed: {0}")]
+    Join(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One node's sync engine; shared by the node's tasks.
+pub struct Engine {
+    name: String,
+    root: PathBuf,
+    state_dir: PathBuf,
+    /// (dev, inode) of directories never scanned: the state dir and the marker dir.
+    excluded: Vec<(u64, u64)>,
+    store: Mutex<Store>,
+    ignore: RwLock<IgnoreRules>,
+    /// Paths being installed from a peer: scans leave them alone until committed.
+    installing: Mutex<HashSet<String>>,
+    seq: watch::Sender<u64>,
+    events: broadcast::Sender<Event>,
+    /// Transfers running and waiting, for status.
+    pub(crate) transfers: transfer::Counters,
+    /// A handle on ourselves for delayed work; never keeps the engine alive.
+    me: std::sync::Weak<Engine>,
+}
+
+/// Looks up cached hashes in the index entries loaded for a scan.
+struct Ctx<'a> {
+    entries: &'a HashMap<String, Entry>,
+    ignore: &'a IgnoreRules,
+}
+
+impl ScanContext for Ctx<'_> {
+    fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash> {
+        self.entries
+            .get(path)
+            .filter(|e| !e.record.deleted && e.stat.as_ref() == Some(stat))
+            .map(|e| e.record.hash)
+    }
+    fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
+        self.ignore.is_ignored(path, is_dir)
+    }
+}
+
+impl Engine {
+    /// Opens the index in `state_dir` for the tree at `root`, checking the folder
+    /// marker, and cleans temporary files a crash may have left.
+    pub fn open(name: &str, root: &Path, state_dir: &Path) -> Result<Arc<Engine>, EngineError> {
+        std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+        let store = Store::open(&state_dir.join("index.db"))?;
+        let marker_dir = root.join(STATE_DIR_NAME);
+        let marker = marker_dir.join(MARKER);
+        let id_hex: String = store
+            .index_id()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let (files, _) = store.totals()?;
+        match std::fs::read_to_string(&marker) {
+            Ok(found) if found.trim() == id_hex => {}
+            _ if store.max_seq() > 0 => {
+                return Err(EngineError::MarkerMissing {
+                    marker,
+                    state: state_dir.to_path_buf(),
+                    files,
+                })
+            }
+            _ => {
+                std::fs::create_dir_all(&marker_dir).map_err(io_err(&marker_dir))?;
+                std::fs::write(&marker, format!("{id_hex}\n")).map_err(io_err(&marker))?;
+            }
+        }
+        let excluded = [state_dir, marker_dir.as_path()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        let ignore = IgnoreRules::load(root).map_err(|e| EngineError::Ignore(e.to_string()))?;
+        let removed = apply::clean_temp_files(root);
+        if removed > 0 {
+            tracing::info!("removed {removed} temporary files left by an interrupted transfer");
+        }
+        let (seq, _) = watch::channel(store.max_seq());
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new_cyclic(|me| Engine {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            excluded,
+            store: Mutex::new(store),
+            ignore: RwLock::new(ignore),
+            installing: Mutex::default(),
+            seq,
+            events,
+            transfers: transfer::Counters::default(),
+            me: me.clone(),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The highest local sequence number; changes when the index changes.
+    pub fn seq(&self) -> watch::Receiver<u64> {
+        self.seq.subscribe()
+    }
+
+    /// Everything the node does from now on.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Runs `f` on the store on a blocking thread (SQLite calls may fsync).
+    pub(crate) async fn with_store<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> R + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = me.store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut store)
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))
+    }
+
+    fn marker_present(&self) -> bool {
+        self.root.join(STATE_DIR_NAME).join(MARKER).is_file()
+    }
+
+    /// This node's own regular files, from the index (for listings).
+    pub async fn local_files(self: &Arc<Self>) -> Result<Vec<crate::wire::FileEntry>, EngineError> {
+        let records = self.with_store(|s| s.live_files()).await??;
+        Ok(records
+            .into_iter()
+            .map(|r| crate::wire::FileEntry {
+                path: r.path,
+                size: r.size,
+                modified: r.modified,
+                hash: r.hash,
+            })
+            .collect())
+    }
+
+    /// Number of live files and their bytes.
+    pub async fn totals(self: &Arc<Self>) -> Result<(u64, u64), EngineError> {
+        Ok(self.with_store(|s| s.totals()).await??)
+    }
+
+    /// Whether `path` is ignored here (by `.dirsyncignore` or built-in rules).
+    pub fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
+        self.ignore
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_ignored(path, is_dir)
+    }
+
+    /// Re-reads `.dirsyncignore` (after it changed).
+    pub fn reload_ignore(&self) {
+        match IgnoreRules::load(&self.root) {
+            Ok(rules) => *self.ignore.write().unwrap_or_else(|p| p.into_inner()) = rules,
+            Err(e) => tracing::warn!("{}: .dirsyncignore not reloaded: {e}", self.name),
+        }
+    }
+
+    /// Scans the whole tree (`scopes` None) or the given paths and the subtrees
+    /// below them, and commits what changed as new local versions, in one
+    /// transaction. Returns the number of new versions.
+    pub async fn scan(self: &Arc<Self>, scopes: Option<Vec<String>>) -> Result<usize, EngineError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.scan_blocking(scopes.as_deref()))
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))?
+    }
+
+    /// Files still being written are looked at again shortly, even if no further
+    /// event comes (the last write may have landed while they were hashed).
+    fn recheck_later(&self, paths: Vec<String>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        rt.spawn(async move {
+            tokio::time::sleep(RECHECK_AFTER).await;
+            if let Err(e) = me.scan(Some(paths)).await {
+                tracing::debug!("{}: recheck: {e}", me.name);
+            }
+        });
+    }
+
+    fn scan_blocking(&self, scopes: Option<&[String]>) -> Result<usize, EngineError> {
+        if !self.marker_present() {
+            let (files, _) = self
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .totals()?;
+            return Err(EngineError::MarkerMissing {
+                marker: self.root.join(STATE_DIR_NAME).join(MARKER),
+                state: self.state_dir.clone(),
+                files,
+            });
+        }
+        // Nested scopes are covered by their ancestors.
+        let scopes: Option<Vec<&str>> = scopes.map(|list| {
+            let mut sorted: Vec<&str> = list.iter().map(String::as_str).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let mut kept: Vec<&str> = Vec::new();
+            for s in sorted {
+                if !kept.last().is_some_and(|k| within(s, k)) {
+                    kept.push(s);
+                }
+            }
+            kept
+        });
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let list = match &scopes {
+                None => store.all()?,
+                Some(list) => {
+                    let mut all = Vec::new();
+                    for s in list {
+                        all.extend(store.under(s)?);
+                    }
+                    all
+                }
+            };
+            entries.extend(list.into_iter().map(|e| (e.record.path.clone(), e)));
+        }
+        let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
+        let ctx = Ctx {
+            entries: &entries,
+            ignore: &ignore,
+        };
+        let mut observed = Vec::new();
+        let mut unstable = Vec::new();
+        let roots: Vec<Option<&str>> = match &scopes {
+            None => vec![None],
+            Some(list) => list.iter().map(|s| Some(*s)).collect(),
+        };
+        for scope in roots {
+            let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
+            observed.extend(outcome.entries_logged(&self.name, &mut unstable));
+        }
+        if !unstable.is_empty() {
+            self.recheck_later(unstable);
+        }
+        let in_scope = |p: &str| {
+            scopes
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|s| within(p, s)))
+        };
+        let installing = self
+            .installing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // An ignored path is left alone, never taken as deleted: ignoring something
+        // stops syncing it, it does not delete it on peers. Unobserved paths are
+        // checked both as file and as directory (`build/` only matches a dir).
+        let skip = |p: &str| {
+            installing.contains(p) || ignore.is_ignored(p, false) || ignore.is_ignored(p, true)
+        };
+        let now = Timestamp::from_system_time(std::time::SystemTime::now());
+        let changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
+        drop(ignore);
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, stat) in &changes.refreshed {
+            store.refresh_stat(path, stat)?;
+        }
+        if changes.updates.is_empty() {
+            return Ok(0);
+        }
+        let max = store.commit(&changes.updates, None)?;
+        for u in changes.updates.iter().take(20) {
+            tracing::debug!(
+                "{}: indexed {} ({} bytes{}{})",
+                self.name,
+                u.record.path,
+                u.record.size,
+                if u.record.deleted { ", deleted" } else { "" },
+                if u.stat.is_none() { ", unproven" } else { "" }
+            );
+        }
+        drop(store);
+        let n = changes.updates.len();
+        let summary = if n <= 3 {
+            let names: Vec<String> = changes
+                .updates
+                .iter()
+                .map(|u| {
+                    format!(
+                        "{}{}",
+                        if u.record.deleted { "-" } else { "+" },
+                        u.record.path
+                    )
+                })
+                .collect();
+            format!("local changes: {}", names.join(" "))
+        } else {
+            format!("{n} local changes")
+        };
+        self.emit(Event::new(&self.name, EventKind::LocalChanges).detail(summary));
+        self.seq.send_replace(max);
+        Ok(n)
+    }
+}

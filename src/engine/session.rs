@@ -1,0 +1,133 @@
+//! Index exchange with one peer over a live connection.
+//!
+//! Each side subscribes to the other: it sends `Subscribe { index_id, since }` with
+//! what it last applied from that peer, and receives `IndexBatch`es: first what it
+//! missed, then every change as it is committed. Records that fail to apply (a file
+//! changed during its transfer, a transient error) are retried; the recorded
+//! progress never passes a record that has not been applied, so a restart resumes
+//! from there.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, SendStream};
+
+use super::apply::apply_batch;
+use super::Engine;
+use crate::index::store::IndexId;
+use crate::sync::record::Record;
+use crate::wire::io::{read_message, write_message, StreamError};
+use crate::wire::messages::chunk_by_size;
+use crate::wire::{Message, CHUNK_TARGET};
+
+/// How many records are read from the index at a time when catching a peer up.
+const PAGE: usize = 4096;
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// A record that still fails after this many attempts is given up (and logged): it
+/// comes back when the peer changes the path again, or after a reconnect.
+const MAX_ATTEMPTS: u32 = 20;
+
+/// Serves a peer's subscription until the stream or connection ends.
+pub async fn serve_subscribe(
+    engine: &Arc<Engine>,
+    their_id: Option<IndexId>,
+    since: u64,
+    send: &mut SendStream,
+) -> Result<(), StreamError> {
+    let our_id = engine
+        .with_store(|s| s.index_id())
+        .await
+        .map_err(|_| StreamError::Truncated)?;
+    // Sequence numbers of another index incarnation mean nothing here: start over.
+    let mut cursor = if their_id == Some(our_id) { since } else { 0 };
+    let mut seq = engine.seq();
+    loop {
+        seq.borrow_and_update();
+        let from = cursor;
+        let records = match engine.with_store(move |s| s.since(from, PAGE)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!("{}: reading the index for a peer: {e}", engine.name());
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
+        };
+        if records.is_empty() {
+            tokio::select! {
+                changed = seq.changed() => if changed.is_err() { return Ok(()) },
+                _ = send.stopped() => return Ok(()),
+            }
+            continue;
+        }
+        for chunk in chunk_by_size(records, CHUNK_TARGET, Record::encoded_size_hint) {
+            let max_seq = chunk.last().map_or(cursor, |r| r.seq);
+            write_message(
+                send,
+                &Message::IndexBatch {
+                    index_id: our_id,
+                    max_seq,
+                    records: chunk,
+                },
+            )
+            .await?;
+            cursor = max_seq;
+        }
+    }
+}
+
+/// Subscribes to `peer`'s index and applies what arrives, until the connection ends.
+pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result<(), String> {
+    let p = peer.clone();
+    let progress = engine
+        .with_store(move |s| s.peer_progress(&p))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let subscribe = Message::Subscribe {
+        index_id: progress.map(|(id, _)| id),
+        since: progress.map_or(0, |(_, seq)| seq),
+    };
+    write_message(&mut send, &subscribe)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut pending: BTreeMap<String, (Record, u32)> = BTreeMap::new();
+    let mut last: Option<(IndexId, u64)> = progress;
+    let mut retry = tokio::time::interval(RETRY_EVERY);
+    loop {
+        tokio::select! {
+            msg = read_message(&mut recv) => {
+                let (index_id, max_seq, records) = match msg {
+                    Ok(Some(Message::IndexBatch { index_id, max_seq, records })) => (index_id, max_seq, records),
+                    Ok(Some(other)) => return Err(format!("unexpected {} on the index stream", other.kind())),
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                // A newer record of a path supersedes a failed older one.
+                for r in &records {
+                    pending.remove(&r.path);
+                }
+                let floor = pending.values().map(|(r, _)| r.seq.saturating_sub(1)).min();
+                let upto = floor.map_or(max_seq, |f| f.min(max_seq));
+                let applied = apply_batch(&engine, &peer, &conn, records, Some((index_id, upto))).await.map_err(|e| e.to_string())?;
+                pending.extend(applied.failed.into_iter().map(|r| (r.path.clone(), (r, 1))));
+                last = Some((index_id, max_seq));
+            }
+            _ = retry.tick(), if !pending.is_empty() => {
+                let attempts: BTreeMap<String, u32> = pending.iter().map(|(p, (_, n))| (p.clone(), *n)).collect();
+                let records: Vec<Record> = std::mem::take(&mut pending).into_values().map(|(r, _)| r).collect();
+                let applied = apply_batch(&engine, &peer, &conn, records, last).await.map_err(|e| e.to_string())?;
+                for r in applied.failed {
+                    let n = attempts.get(&r.path).copied().unwrap_or(0) + 1;
+                    if n >= MAX_ATTEMPTS {
+                        tracing::warn!("{}: giving up on {} from {peer} after {n} attempts", engine.name(), r.path);
+                    } else {
+                        pending.insert(r.path.clone(), (r, n));
+                    }
+                }
+            }
+        }
+    }
+}

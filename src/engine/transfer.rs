@@ -1,0 +1,210 @@
+//! One QUIC stream per file: the sending side reads the file and streams it after a
+//! `FileHeader`; the receiving side writes a temporary file while hashing, and
+//! accepts it only if the BLAKE3 hash is the one the index record promised.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use quinn::{Connection, SendStream};
+
+use super::Engine;
+use crate::hash::ContentHash;
+use crate::path::RelPath;
+use crate::sync::record::Kind;
+use crate::wire::io::{read_message, write_message, StreamError};
+use crate::wire::Message;
+
+const CHUNK: usize = 256 * 1024;
+
+/// Transfers running and waiting for a slot, for `status`.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub in_flight: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+/// Why a transfer failed; all of these are retried later.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("content does not match the announced hash (the file changed during the transfer, or the peer lied)")]
+    HashMismatch,
+    #[error("peer announced {announced} bytes, the index record says {expected}")]
+    SizeMismatch { announced: u64, expected: u64 },
+    #[error("stream: {0}")]
+    Stream(#[from] StreamError),
+    #[error("stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("local file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent {0} where a file header was expected")]
+    Unexpected(&'static str),
+    #[error("the peer ended the stream after {got} of {size} bytes")]
+    Truncated { got: u64, size: u64 },
+}
+
+/// Answers a peer's `FetchRequest`: the file, if it is still at `hash`.
+pub async fn serve_fetch(
+    engine: &Arc<Engine>,
+    path: String,
+    hash: ContentHash,
+    send: &mut SendStream,
+) -> Result<(), StreamError> {
+    let refuse = |reason: String| Message::Refused { reason };
+    let rel = match RelPath::parse(&path) {
+        Ok(r) => r,
+        Err(e) => return write_message(send, &refuse(e.to_string())).await,
+    };
+    let current = engine.with_store({
+        let p = path.clone();
+        move |s| s.get(&p)
+    });
+    let current = match current.await {
+        Ok(Ok(Some(e))) => e.record,
+        _ => return write_message(send, &refuse(format!("{path} is not in the index"))).await,
+    };
+    if current.deleted || current.kind != Kind::File || current.hash != hash {
+        return write_message(
+            send,
+            &refuse(format!("{path} is no longer at that version")),
+        )
+        .await;
+    }
+    let abs = rel.to_path(&engine.root);
+    // Never follow a link: only a regular file inside the tree is served.
+    let file = match abs.symlink_metadata() {
+        Ok(m) if m.is_file() => File::open(&abs),
+        Ok(_) => {
+            return write_message(send, &refuse(format!("{path} is not a regular file"))).await
+        }
+        Err(e) => Err(e),
+    };
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
+    };
+    // Exactly the indexed size: a file that only grew since still serves the
+    // indexed version (the receiver verifies the hash); one that shrank cannot.
+    let size = current.size;
+    match file.metadata() {
+        Ok(m) if m.len() >= size => {}
+        Ok(_) => {
+            return write_message(
+                send,
+                &refuse(format!("{path} is no longer at that version")),
+            )
+            .await
+        }
+        Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
+    }
+    write_message(send, &Message::FileHeader { size }).await?;
+    let mut left = size;
+    let mut buf = vec![0u8; CHUNK];
+    while left > 0 {
+        let want = (left as usize).min(CHUNK);
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => {
+                // The file shrank under us: abort the stream, the receiver retries.
+                let _ = send.reset(1u32.into());
+                return Ok(());
+            }
+            Ok(n) => n,
+        };
+        send.write_all(&buf[..n])
+            .await
+            .map_err(StreamError::Write)?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Fetches `path` at `hash` (`size` bytes) from the peer on `conn` into `out`,
+/// hashing as it goes. `out` is left at the end of the written content.
+pub async fn fetch(
+    conn: &Connection,
+    path: &str,
+    hash: ContentHash,
+    size: u64,
+    out: &mut File,
+) -> Result<u64, TransferError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_message(
+        &mut send,
+        &Message::FetchRequest {
+            path: path.to_string(),
+            hash,
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    let announced = match read_message(&mut recv).await? {
+        Some(Message::FileHeader { size }) => size,
+        Some(Message::Refused { reason }) => return Err(TransferError::Refused(reason)),
+        Some(other) => return Err(TransferError::Unexpected(other.kind())),
+        None => return Err(TransferError::Unexpected("end of stream")),
+    };
+    if announced != size {
+        return Err(TransferError::SizeMismatch {
+            announced,
+            expected: size,
+        });
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut got = 0u64;
+    while got < size {
+        let chunk = match recv
+            .read_chunk((size - got).min(CHUNK as u64) as usize, true)
+            .await?
+        {
+            Some(c) => c,
+            None => return Err(TransferError::Truncated { got, size }),
+        };
+        hasher.update(&chunk.bytes);
+        out.write_all(&chunk.bytes)?;
+        got += chunk.bytes.len() as u64;
+    }
+    if ContentHash(*hasher.finalize().as_bytes()) != hash {
+        return Err(TransferError::HashMismatch);
+    }
+    Ok(got)
+}
+
+/// Copies the local file `from` into `out`, checking it still has `hash`.
+pub fn copy_local(from: &Path, hash: ContentHash, out: &mut File) -> Result<u64, TransferError> {
+    let meta = from.symlink_metadata()?;
+    if !meta.is_file() {
+        return Err(TransferError::HashMismatch);
+    }
+    let mut src = File::open(from)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    if ContentHash(*hasher.finalize().as_bytes()) != hash {
+        return Err(TransferError::HashMismatch);
+    }
+    Ok(total)
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.in_flight.load(Ordering::Relaxed),
+            self.queued.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -1,0 +1,270 @@
+//! Local change detection: observations from a scan compared with the index
+//! (pure; no I/O). A difference becomes a new local version: this node's counter in
+//! the path's version vector goes up, and the store gives it a new sequence number.
+
+use std::collections::HashMap;
+
+use super::scan::Observed;
+use super::{Entry, StatKey, Update};
+use crate::hash::ContentHash;
+use crate::sync::record::{Kind, Record};
+use crate::sync::version::VersionVector;
+use crate::wire::Timestamp;
+
+/// What a scan changed in the index.
+#[derive(Debug, Default)]
+pub struct LocalChanges {
+    /// New versions (including tombstones), to commit.
+    pub updates: Vec<Update>,
+    /// Paths whose content is unchanged but whose stat proof moved (a touch, a
+    /// rename of the inode...): refreshed without a new version.
+    pub refreshed: Vec<(String, StatKey)>,
+}
+
+/// Compares `observed` (everything a scan found) with `index` (the entries the scan
+/// covered). `in_scope(path)` tells whether the scan covered `path`: index entries
+/// outside the scanned scope are never taken as deleted.
+/// `skip(path)` is true for paths that must not be versioned now (ignored, or being
+/// installed by the engine).
+pub fn detect(
+    node: &str,
+    index: &HashMap<String, Entry>,
+    observed: &[Observed],
+    in_scope: &dyn Fn(&str) -> bool,
+    now: Timestamp,
+    skip: &dyn Fn(&str) -> bool,
+) -> LocalChanges {
+    let mut out = LocalChanges::default();
+    let mut seen = std::collections::HashSet::with_capacity(observed.len());
+    for obs in observed {
+        seen.insert(obs.path.as_str());
+        if skip(&obs.path) {
+            continue;
+        }
+        match index.get(&obs.path) {
+            Some(e) if !e.record.deleted && !differs(&e.record, obs) => {
+                if obs.stat.is_some() && obs.stat != e.stat {
+                    if let Some(stat) = obs.stat {
+                        out.refreshed.push((obs.path.clone(), stat));
+                    }
+                }
+            }
+            previous => {
+                let mut version = previous
+                    .map(|e| e.record.version.clone())
+                    .unwrap_or_default();
+                version.bump(node);
+                out.updates.push(Update {
+                    record: Record {
+                        path: obs.path.clone(),
+                        kind: obs.kind,
+                        size: obs.size,
+                        modified: obs.modified,
+                        mode: obs.mode,
+                        hash: obs.hash,
+                        target: obs.target.clone(),
+                        version,
+                        deleted: false,
+                        modified_by: node.to_string(),
+                        seq: 0,
+                    },
+                    stat: obs.stat,
+                });
+            }
+        }
+    }
+    for (path, e) in index {
+        if e.record.deleted || seen.contains(path.as_str()) || !in_scope(path) || skip(path) {
+            continue;
+        }
+        let mut version = e.record.version.clone();
+        version.bump(node);
+        out.updates.push(Update {
+            record: tombstone(&e.record, version, node, now),
+            stat: None,
+        });
+    }
+    // Sequence order is the order peers apply in: creations parents-first, then
+    // deletions children-first, so a directory's deletion never arrives before its
+    // contents'.
+    out.updates
+        .sort_by(|a, b| match (a.record.deleted, b.record.deleted) {
+            (false, false) => a.record.path.cmp(&b.record.path),
+            (true, true) => b.record.path.cmp(&a.record.path),
+            (x, y) => x.cmp(&y),
+        });
+    out
+}
+
+/// Whether `path` is `scope` or below it.
+pub fn within(path: &str, scope: &str) -> bool {
+    scope.is_empty()
+        || path == scope
+        || path
+            .strip_prefix(scope)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// A deletion of `of` at `version`.
+pub fn tombstone(of: &Record, version: VersionVector, node: &str, now: Timestamp) -> Record {
+    Record {
+        path: of.path.clone(),
+        kind: of.kind,
+        size: 0,
+        modified: now,
+        mode: 0,
+        hash: ContentHash([0; 32]),
+        target: None,
+        version,
+        deleted: true,
+        modified_by: node.to_string(),
+        seq: 0,
+    }
+}
+
+/// Whether what is on disk is a different version than the record: content, kind,
+/// link target or executable bits. Timestamps alone are not a change.
+fn differs(r: &Record, o: &Observed) -> bool {
+    if r.kind != o.kind {
+        return true;
+    }
+    match o.kind {
+        Kind::File => r.hash != o.hash || (r.mode & 0o111) != (o.mode & 0o111),
+        Kind::Dir => false,
+        Kind::Symlink => r.target != o.target,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(path: &str, content: &[u8]) -> Observed {
+        Observed {
+            path: path.into(),
+            kind: Kind::File,
+            size: content.len() as u64,
+            modified: Timestamp {
+                secs: 100,
+                nanos: 0,
+            },
+            mode: 0o644,
+            hash: ContentHash::of(content),
+            target: None,
+            stat: Some(StatKey {
+                size: content.len() as u64,
+                mtime_ns: 1,
+                ctime_ns: 1,
+                ino: 1,
+                dev: 1,
+            }),
+        }
+    }
+
+    fn index_of(changes: &LocalChanges) -> HashMap<String, Entry> {
+        changes
+            .updates
+            .iter()
+            .map(|u| {
+                (
+                    u.record.path.clone(),
+                    Entry {
+                        record: u.record.clone(),
+                        stat: u.stat,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    const NOW: Timestamp = Timestamp {
+        secs: 200,
+        nanos: 0,
+    };
+
+    #[test]
+    fn new_changed_deleted_and_unchanged() {
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        let first = detect(
+            "a",
+            &HashMap::new(),
+            &[obs("x", b"1"), obs("y", b"2")],
+            &all,
+            NOW,
+            &none,
+        );
+        assert_eq!(first.updates.len(), 2);
+        assert_eq!(first.updates[0].record.version.get("a"), 1);
+        let index = index_of(&first);
+
+        // Unchanged: nothing. Changed content: version 2. Missing: tombstone.
+        let second = detect(
+            "a",
+            &index,
+            &[obs("x", b"1"), obs("z", b"3")],
+            &all,
+            NOW,
+            &none,
+        );
+        let paths: Vec<(&str, bool, u64)> = second
+            .updates
+            .iter()
+            .map(|u| {
+                (
+                    u.record.path.as_str(),
+                    u.record.deleted,
+                    u.record.version.get("a"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [("z", false, 1), ("y", true, 2)],
+            "creations first, then deletions"
+        );
+
+        let mut changed = obs("x", b"1!");
+        changed.stat = None;
+        let third = detect("a", &index, &[changed], &|p| within(p, "x"), NOW, &none);
+        assert_eq!(
+            third.updates.len(),
+            1,
+            "y is outside the scope, not deleted"
+        );
+        assert_eq!(third.updates[0].record.version.get("a"), 2);
+    }
+
+    #[test]
+    fn touch_refreshes_and_exec_bit_is_a_change_and_skip_is_respected() {
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        let index = index_of(&detect(
+            "a",
+            &HashMap::new(),
+            &[obs("x", b"1")],
+            &all,
+            NOW,
+            &none,
+        ));
+        let mut touched = obs("x", b"1");
+        touched.stat = Some(StatKey {
+            mtime_ns: 9,
+            ..touched.stat.unwrap()
+        });
+        let c = detect("a", &index, &[touched.clone()], &all, NOW, &none);
+        assert!(c.updates.is_empty());
+        assert_eq!(c.refreshed.len(), 1);
+
+        touched.mode = 0o755;
+        let c = detect("a", &index, &[touched], &all, NOW, &none);
+        assert_eq!(c.updates.len(), 1);
+
+        let skip_x = |p: &str| p == "x";
+        let c = detect("a", &index, &[], &all, NOW, &skip_x);
+        assert!(
+            c.updates.is_empty(),
+            "a skipped path is never taken as deleted"
+        );
+    }
+}

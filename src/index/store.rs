@@ -1,0 +1,363 @@
+//! The persistent index: one SQLite database (WAL) in the node's state directory.
+//!
+//! Per path it holds the [`Record`] (kind, size, mtime, mode, hash, link target,
+//! version vector, tombstone flag, the node that made the version) under this node's
+//! sequence number, plus the [`StatKey`] that proves the file on disk unchanged since
+//! it was hashed. Every change of a record, local or applied from a peer, takes the
+//! next sequence number, so a peer can ask for "everything after N" and a node
+//! relays what it learned from others. Per peer it remembers the peer's index id
+//! and the last sequence applied from it.
+//!
+//! Durability: `synchronous=FULL`, one transaction per batch. Files are fsynced
+//! before the transaction that calls them synced commits (see the engine).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::StatKey;
+use crate::hash::ContentHash;
+use crate::sync::record::{Kind, Record};
+use crate::sync::version::VersionVector;
+use crate::wire::Timestamp;
+
+/// Identifies one incarnation of an index: a peer that sees a new id starts over
+/// from sequence 0 instead of trusting old sequence numbers.
+pub type IndexId = [u8; 16];
+
+/// Errors of the index database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("index database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("index database holds an unreadable record for {path}: {reason}")]
+    Corrupt { path: String, reason: String },
+}
+
+/// A record with what proves the local file matches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub record: Record,
+    pub stat: Option<StatKey>,
+}
+
+/// A change to write: the record (its `seq` is assigned on commit) and its stat.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub record: Record,
+    pub stat: Option<StatKey>,
+}
+
+pub struct Store {
+    conn: Connection,
+    index_id: IndexId,
+    max_seq: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_s INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    target TEXT,
+    version BLOB NOT NULL,
+    deleted INTEGER NOT NULL,
+    modified_by TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    st_size INTEGER, st_mtime INTEGER, st_ctime INTEGER, st_ino INTEGER, st_dev INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS files_seq ON files(seq);
+CREATE INDEX IF NOT EXISTS files_hash ON files(hash) WHERE deleted = 0 AND kind = 0;
+CREATE TABLE IF NOT EXISTS peers (
+    name TEXT PRIMARY KEY,
+    index_id BLOB NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+";
+
+const COLUMNS: &str = "path, kind, size, mtime_s, mtime_ns, mode, hash, target, version, deleted, \
+     modified_by, seq, st_size, st_mtime, st_ctime, st_ino, st_dev";
+
+fn kind_code(k: Kind) -> i64 {
+    match k {
+        Kind::File => 0,
+        Kind::Dir => 1,
+        Kind::Symlink => 2,
+    }
+}
+
+fn corrupt(path: &str, reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_entry(row: &Row<'_>) -> Result<Entry, StoreError> {
+    let path: String = row.get(0)?;
+    let kind = match row.get::<_, i64>(1)? {
+        0 => Kind::File,
+        1 => Kind::Dir,
+        2 => Kind::Symlink,
+        k => return Err(corrupt(&path, format!("unknown kind {k}"))),
+    };
+    let hash: Vec<u8> = row.get(6)?;
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| corrupt(&path, "hash is not 32 bytes"))?;
+    let version: Vec<u8> = row.get(8)?;
+    let version: VersionVector = postcard::from_bytes(&version).map_err(|e| corrupt(&path, e))?;
+    let stat = match row.get::<_, Option<i64>>(12)? {
+        Some(size) => Some(StatKey {
+            size: size as u64,
+            mtime_ns: row.get::<_, i64>(13)? as i128,
+            ctime_ns: row.get::<_, i64>(14)? as i128,
+            ino: row.get::<_, i64>(15)? as u64,
+            dev: row.get::<_, i64>(16)? as u64,
+        }),
+        None => None,
+    };
+    let record = Record {
+        kind,
+        size: row.get::<_, i64>(2)? as u64,
+        modified: Timestamp {
+            secs: row.get(3)?,
+            nanos: row.get::<_, i64>(4)? as u32,
+        },
+        mode: row.get::<_, i64>(5)? as u32,
+        hash: ContentHash(hash),
+        target: row.get(7)?,
+        version,
+        deleted: row.get::<_, i64>(9)? != 0,
+        modified_by: row.get(10)?,
+        seq: row.get::<_, i64>(11)? as u64,
+        path,
+    };
+    Ok(Entry { record, stat })
+}
+
+impl Store {
+    /// Opens (creating if needed) the index at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        let index_id = match conn
+            .query_row("SELECT value FROM meta WHERE key = 'index_id'", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+        {
+            Some(v) => v
+                .try_into()
+                .map_err(|_| corrupt("meta", "index_id is not 16 bytes"))?,
+            None => {
+                let id = new_index_id();
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('index_id', ?1)",
+                    params![id.to_vec()],
+                )?;
+                id
+            }
+        };
+        let max_seq: i64 =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM files", [], |r| r.get(0))?;
+        Ok(Store {
+            conn,
+            index_id,
+            max_seq: max_seq as u64,
+        })
+    }
+
+    pub fn index_id(&self) -> IndexId {
+        self.index_id
+    }
+
+    /// The highest sequence number given to a record so far.
+    pub fn max_seq(&self) -> u64 {
+        self.max_seq
+    }
+
+    /// The entry for `path`, tombstones included.
+    pub fn get(&self, path: &str) -> Result<Option<Entry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM files WHERE path = ?1"))?;
+        let mut rows = stmt.query(params![path])?;
+        match rows.next()? {
+            Some(row) => Ok(Some(read_entry(row)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every entry, tombstones included, in path order.
+    pub fn all(&self) -> Result<Vec<Entry>, StoreError> {
+        self.select(
+            &format!("SELECT {COLUMNS} FROM files ORDER BY path"),
+            params![],
+        )
+    }
+
+    /// The entry of `path` and of everything below it.
+    pub fn under(&self, path: &str) -> Result<Vec<Entry>, StoreError> {
+        // '/' + 1 == '0': the half-open range [path/, path0) holds exactly the
+        // descendants of `path` in byte order.
+        self.select(
+            &format!("SELECT {COLUMNS} FROM files WHERE path = ?1 OR (path >= ?2 AND path < ?3)"),
+            params![path, format!("{path}/"), format!("{path}0")],
+        )
+    }
+
+    /// Up to `limit` records with a sequence number above `seq`, in sequence order.
+    pub fn since(&self, seq: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let entries = self.select(
+            &format!("SELECT {COLUMNS} FROM files WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+            params![seq as i64, limit as i64],
+        )?;
+        Ok(entries.into_iter().map(|e| e.record).collect())
+    }
+
+    /// Live regular files, in path order.
+    pub fn live_files(&self) -> Result<Vec<Record>, StoreError> {
+        let entries = self.select(
+            &format!("SELECT {COLUMNS} FROM files WHERE deleted = 0 AND kind = 0 ORDER BY path"),
+            params![],
+        )?;
+        Ok(entries.into_iter().map(|e| e.record).collect())
+    }
+
+    /// A live regular file with this content, if any.
+    pub fn find_by_hash(&self, hash: &ContentHash) -> Result<Option<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path FROM files WHERE hash = ?1 AND deleted = 0 AND kind = 0 LIMIT 1",
+        )?;
+        Ok(stmt
+            .query_row(params![hash.0.to_vec()], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Number of live files and their total size.
+    pub fn totals(&self) -> Result<(u64, u64), StoreError> {
+        let (n, bytes): (i64, i64) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE deleted = 0 AND kind = 0",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n as u64, bytes as u64))
+    }
+
+    fn select(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Entry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(args)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(read_entry(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes `updates` in one transaction, each under the next sequence number, and
+    /// with them (atomically) what was applied from a peer. Returns the new maximum
+    /// sequence number.
+    pub fn commit(
+        &mut self,
+        updates: &[Update],
+        peer_progress: Option<(&str, IndexId, u64)>,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut seq = self.max_seq;
+        {
+            let mut stmt = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO files ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            ))?;
+            for u in updates {
+                seq += 1;
+                let r = &u.record;
+                let version = postcard::to_allocvec(&r.version).map_err(|e| corrupt(&r.path, e))?;
+                let s = u.stat.as_ref();
+                stmt.execute(params![
+                    r.path,
+                    kind_code(r.kind),
+                    r.size as i64,
+                    r.modified.secs,
+                    r.modified.nanos as i64,
+                    r.mode as i64,
+                    r.hash.0.to_vec(),
+                    r.target,
+                    version,
+                    r.deleted as i64,
+                    r.modified_by,
+                    seq as i64,
+                    s.map(|s| s.size as i64),
+                    s.map(|s| s.mtime_ns as i64),
+                    s.map(|s| s.ctime_ns as i64),
+                    s.map(|s| s.ino as i64),
+                    s.map(|s| s.dev as i64),
+                ])?;
+            }
+        }
+        if let Some((peer, id, last)) = peer_progress {
+            tx.execute(
+                "INSERT OR REPLACE INTO peers (name, index_id, last_seq) VALUES (?1, ?2, ?3)",
+                params![peer, id.to_vec(), last as i64],
+            )?;
+        }
+        tx.commit()?;
+        self.max_seq = seq;
+        Ok(seq)
+    }
+
+    /// Refreshes the stat proof of a path without making a new version (the file was
+    /// touched but its content and metadata are unchanged).
+    pub fn refresh_stat(&mut self, path: &str, stat: &StatKey) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE files SET st_size = ?2, st_mtime = ?3, st_ctime = ?4, st_ino = ?5, st_dev = ?6 WHERE path = ?1",
+            params![path, stat.size as i64, stat.mtime_ns as i64, stat.ctime_ns as i64, stat.ino as i64, stat.dev as i64],
+        )?;
+        Ok(())
+    }
+
+    /// What we last applied from `peer`: its index id and sequence number.
+    pub fn peer_progress(&self, peer: &str) -> Result<Option<(IndexId, u64)>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT index_id, last_seq FROM peers WHERE name = ?1",
+                params![peer],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        match row {
+            Some((id, seq)) => {
+                let id: IndexId = id
+                    .try_into()
+                    .map_err(|_| corrupt(peer, "peer index id is not 16 bytes"))?;
+                Ok(Some((id, seq as u64)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// 16 bytes that differ between index incarnations: BLAKE3 of the time, the process
+/// id and a stack address (no extra RNG dependency needed for uniqueness here).
+fn new_index_id() -> IndexId {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let marker = 0u8;
+    let mut h = blake3::Hasher::new();
+    h.update(&now.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&(&marker as *const u8 as usize).to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}
