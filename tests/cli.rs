@@ -138,6 +138,8 @@ fn certs_two_nodes_and_ls_json() {
             certs_s,
             "--name",
             "a",
+            // Send-only (both nodes): this test checks the listing of diverging trees.
+            "--send-only",
         ],
         &[],
     );
@@ -151,6 +153,7 @@ fn certs_two_nodes_and_ls_json() {
             ("DIRSYNC_PEERS", &a_addr),
             ("DIRSYNC_CERTS", certs_s),
             ("DIRSYNC_NAME", "b"),
+            ("DIRSYNC_SEND_ONLY", "true"),
         ],
     );
     b.wait_for("peer a connected");
@@ -279,17 +282,32 @@ fn demo_prints_a_merged_listing() {
     let out = cli(&["demo", "--dir", tmp.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(
-        stdout
+    let table = stdout.split("converged").nth(1).unwrap_or_default();
+    let line_with = |needle: &str| {
+        table
             .lines()
-            .any(|l| l.contains("docs/plan.txt") && l.contains("(differs)")),
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+    };
+    // The nodes synced: everything is on both, and the file edited differently on
+    // each side was kept twice (the winner, and the loser as a conflict copy).
+    assert!(stdout.contains("converged"), "{stdout}");
+    for path in [
+        "docs/plan.txt",
+        "docs/plan.sync-conflict-",
+        "notes/todo list.md",
+        "only on a.txt",
+    ] {
+        assert!(
+            line_with(path).trim_end().ends_with("a b"),
+            "{path}: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("(differs)"), "{stdout}");
+    assert!(
+        stdout.contains("a: <- notes/todo list.md from b"),
         "{stdout}"
     );
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.contains("README.md") && l.trim_end().ends_with("a b")),
-        "{stdout}"
-    );
+    assert!(stdout.contains("conflict docs/plan.txt"), "{stdout}");
     assert!(Path::new(&tmp.path().join("certs/ca.pem")).exists());
 }

@@ -1,4 +1,5 @@
-//! Merged listings across real nodes over real QUIC.
+//! Merged listings across real nodes over real QUIC. The nodes are send-only so
+//! that diverging trees stay diverged while they are listed.
 
 mod common;
 
@@ -19,8 +20,8 @@ async fn merged_listing_of_two_nodes() {
     write(&db, "differs.txt", b"version b, longer");
     write(&da, "deep/er/nested file.txt", b"nested");
     write(&db, "ünï cödé/日本語 名前.txt", b"unicode");
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
+    let a = env.start_send_only("a", &[]).await;
+    let b = env.start_send_only("b", &[a.local_addr()]).await;
     wait_connected(&[&a, &b]).await;
 
     for server in [&a, &b] {
@@ -92,9 +93,9 @@ async fn three_nodes_and_a_large_listing_in_many_frames() {
         );
     }
     write(&env.dir("b"), "from-b", b"b");
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    let c = env.start("c", &[a.local_addr()]).await;
+    let a = env.start_send_only("a", &[]).await;
+    let b = env.start_send_only("b", &[a.local_addr()]).await;
+    let c = env.start_send_only("c", &[a.local_addr()]).await;
     wait_connected(&[&a, &b]).await;
     wait_connected(&[&a, &c]).await;
     let client = env.client(&a).await;
@@ -122,7 +123,7 @@ async fn a_peer_that_is_down_does_not_break_ls() {
     let env = TestEnv::new();
     write(&env.dir("a"), "here.txt", b"still listed");
     let nobody = free_port();
-    let a = env.start("a", &[nobody]).await;
+    let a = env.start_send_only("a", &[nobody]).await;
     let client = env.client(&a).await;
     let listing = client.list().await.unwrap();
     assert_eq!(listing.entries.len(), 1);
@@ -141,9 +142,9 @@ async fn a_peer_that_stops_answering_is_named_and_the_rest_is_listed() {
     let env = TestEnv::new();
     write(&env.dir("a"), "mine.txt", b"a");
     write(&env.dir("b"), "theirs.txt", b"b");
-    let a = env.start("a", &[]).await;
+    let a = env.start_send_only("a", &[]).await;
     let relay = Relay::start(a.local_addr()).await;
-    let b = env.start("b", &[relay.addr]).await;
+    let b = env.start_send_only("b", &[relay.addr]).await;
     wait_connected(&[&a, &b]).await;
     assert_eq!(env.client(&a).await.list().await.unwrap().entries.len(), 2);
 
@@ -170,8 +171,10 @@ async fn nodes_dialing_each_other_keep_one_session_and_reconnect_after_restart()
     let env = TestEnv::new();
     let (pa, pb) = (free_port(), free_port());
     let mut ca = env.config("a", &[pb]);
+    ca.send_only = true;
     ca.listen = pa;
     let mut cb = env.config("b", &[pa]);
+    cb.send_only = true;
     cb.listen = pb;
     let a = dirsync::node::start(ca).await.unwrap();
     let b = dirsync::node::start(cb.clone()).await.unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use dirsync::certs::{self, Ca, CertRequest};
 use dirsync::client::{Client, ClientError};
+use dirsync::events::EventKind;
 use dirsync::tls::{self, Credentials, Role};
 use dirsync::wire::io::{read_message, write_message};
 use dirsync::wire::Message;
@@ -212,5 +213,138 @@ async fn malformed_frames_close_only_that_connection() {
         );
     }
     still_serving(&env, &a).await;
+    a.shutdown().await;
+}
+
+fn record(
+    path: &str,
+    kind: dirsync::sync::record::Kind,
+    content: &[u8],
+    target: Option<&str>,
+) -> dirsync::sync::record::Record {
+    let mut version = dirsync::sync::version::VersionVector::new();
+    version.bump("c");
+    dirsync::sync::record::Record {
+        path: path.into(),
+        kind,
+        size: content.len() as u64,
+        modified: dirsync::wire::Timestamp {
+            secs: 1_700_000_000,
+            nanos: 0,
+        },
+        mode: 0o644,
+        hash: dirsync::hash::ContentHash::of(content),
+        target: target.map(str::to_owned),
+        version,
+        deleted: false,
+        modified_by: "c".into(),
+        seq: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_write_outside_the_root() {
+    use dirsync::sync::record::Kind;
+    let env = TestEnv::new();
+    let da = env.dir("a");
+    let outside = env.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let a = env.start("a", &[]).await;
+    let log = EventLog::of(&a);
+
+    // Pose as node c: hello, then answer a's subscription with hostile records.
+    let c = Credentials::load(&env.certs, "c").unwrap();
+    let (_ep, conn) = raw(a.local_addr(), &c).await;
+    let hello = Message::Hello {
+        version: dirsync::wire::PROTOCOL_VERSION,
+        name: "c".into(),
+    };
+    assert!(matches!(
+        ask(&conn, &hello).await,
+        Ok(Some(Message::Hello { .. }))
+    ));
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await,
+        Ok(Some(Message::Subscribe { .. }))
+    ));
+    let hostile = [
+        "../escaped.txt",
+        "/tmp/absolute.txt",
+        ".dirsync/index.db",
+        "ok/../../up.txt",
+        "nul\0byte",
+    ];
+    let mut records: Vec<_> = hostile
+        .iter()
+        .map(|p| record(p, Kind::File, b"evil", None))
+        .collect();
+    records.push(record(
+        "link",
+        Kind::Symlink,
+        outside.to_str().unwrap().as_bytes(),
+        outside.to_str(),
+    ));
+    records.push(record("link/through.txt", Kind::File, b"evil", None));
+    records.push(record("good.txt", Kind::File, b"good", None));
+    for (i, r) in records.iter_mut().enumerate() {
+        r.seq = i as u64 + 1;
+    }
+    let batch = Message::IndexBatch {
+        index_id: [7; 16],
+        max_seq: records.len() as u64,
+        records,
+    };
+    write_message(&mut send, &batch).await.unwrap();
+
+    // Serve whatever a asks for: the hostile content included, to prove a refuses it.
+    let server = tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            if let Ok(Some(Message::FetchRequest { path, .. })) = read_message(&mut recv).await {
+                let body: &[u8] = if path == "good.txt" { b"good" } else { b"evil" };
+                let _ = write_message(
+                    &mut send,
+                    &Message::FileHeader {
+                        size: body.len() as u64,
+                    },
+                )
+                .await;
+                let _ = send.write_all(body).await;
+                let _ = send.finish();
+            }
+        }
+    });
+    wait_content(&da, "good.txt", b"good").await;
+    wait_until(
+        "the symlink was made, as a link",
+        Duration::from_secs(10),
+        || da.join("link").symlink_metadata().is_ok(),
+    )
+    .await;
+    let refused: Vec<String> = log
+        .all()
+        .iter()
+        .filter(|e| matches!(e.event, EventKind::Refused | EventKind::Failed))
+        .filter_map(|e| e.path.clone())
+        .collect();
+    for p in hostile {
+        assert!(
+            refused.iter().any(|r| r == p),
+            "{p:?} not refused: {refused:?}"
+        );
+    }
+    assert!(
+        refused.iter().any(|r| r == "link/through.txt"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+    assert!(!env.tmp.path().join("nodes/escaped.txt").exists());
+    assert!(!env.tmp.path().join("up.txt").exists());
+    assert!(!std::path::Path::new("/tmp/absolute.txt").exists());
+    server.abort();
     a.shutdown().await;
 }

@@ -22,6 +22,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new() -> TestEnv {
+        // RUST_LOG=dirsync=debug shows what the nodes do (captured per test).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let tmp = tempfile::tempdir().expect("temp dir");
         let certs = tmp.path().join("certs");
         let mut req = CertRequest::defaults(&certs);
@@ -55,6 +60,14 @@ impl TestEnv {
         node::start(self.config(name, peers))
             .await
             .expect("node starts")
+    }
+
+    /// A node that serves and lists but never applies peers' changes, so that
+    /// listings of diverging trees stay as they are.
+    pub async fn start_send_only(&self, name: &str, peers: &[SocketAddr]) -> NodeHandle {
+        let mut c = self.config(name, peers);
+        c.send_only = true;
+        node::start(c).await.expect("node starts")
     }
 
     pub async fn client(&self, node: &NodeHandle) -> Client {
@@ -150,6 +163,167 @@ impl Relay {
 }
 
 impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A snapshot of a synced tree: path -> what is there (content, link target, dir),
+/// without dirsync's own state and temp files.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in read.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (rel.is_empty() && name == ".dirsync") || name.starts_with(".dirsync-tmp-") {
+                continue;
+            }
+            let p = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.file_type().is_symlink() {
+                out.insert(
+                    p,
+                    format!("-> {}", std::fs::read_link(e.path()).unwrap().display()),
+                );
+            } else if m.is_dir() {
+                out.insert(p.clone(), "dir".into());
+                stack.push((e.path(), p));
+            } else {
+                let bytes = std::fs::read(e.path()).unwrap_or_default();
+                out.insert(
+                    p,
+                    format!("{} bytes {}", bytes.len(), blake3::hash(&bytes).to_hex()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Waits until every directory in `dirs` holds the same tree.
+pub async fn wait_same_trees(dirs: &[&Path], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let started = Instant::now();
+        let trees: Vec<_> = dirs.iter().map(|d| tree(d)).collect();
+        // Comparing big trees costs: poll no more than a third of the time.
+        let pause = (started.elapsed() * 2).max(Duration::from_millis(20));
+        if trees.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let mut diff = String::new();
+            for (k, v) in &trees[0] {
+                for (i, t) in trees.iter().enumerate().skip(1) {
+                    if t.get(k) != Some(v) {
+                        diff.push_str(&format!("{k}: {v} vs node {i}: {:?}\n", t.get(k)));
+                    }
+                }
+            }
+            for (i, t) in trees.iter().enumerate().skip(1) {
+                for (k, v) in t {
+                    if !trees[0].contains_key(k) {
+                        diff.push_str(&format!("{k}: only on node {i}: {v}\n"));
+                    }
+                }
+            }
+            panic!("trees still differ after {limit:?}:\n{diff}");
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Number of regular files under `root` (metadata only, no content read).
+pub fn count_files(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in read.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t)
+                    if t.is_file()
+                        && !e.file_name().to_string_lossy().starts_with(".dirsync-tmp-") =>
+                {
+                    n += 1
+                }
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
+/// Waits until `root/rel` exists with exactly `content`.
+pub async fn wait_content(root: &Path, rel: &str, content: &[u8]) {
+    let p = root.join(rel);
+    wait_until(
+        &format!("{} to hold {} bytes", p.display(), content.len()),
+        Duration::from_secs(20),
+        || std::fs::read(&p).map(|b| b == content).unwrap_or(false),
+    )
+    .await;
+}
+
+/// Waits until `root/rel` does not exist (not even as a dangling link).
+pub async fn wait_gone(root: &Path, rel: &str) {
+    let p = root.join(rel);
+    wait_until(
+        &format!("{} to disappear", p.display()),
+        Duration::from_secs(20),
+        || p.symlink_metadata().is_err(),
+    )
+    .await;
+}
+
+/// Collects events of one node in the background.
+pub struct EventLog {
+    pub events: Arc<std::sync::Mutex<Vec<dirsync::events::Event>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventLog {
+    pub fn of(node: &NodeHandle) -> EventLog {
+        let mut rx = node.events();
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(e) = rx.recv().await {
+                sink.lock().unwrap().push(e);
+            }
+        });
+        EventLog { events, task }
+    }
+
+    pub fn kinds_for(&self, path: &str) -> Vec<dirsync::events::EventKind> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.path.as_deref() == Some(path))
+            .map(|e| e.event)
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<dirsync::events::Event> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EventLog {
     fn drop(&mut self) {
         self.task.abort();
     }

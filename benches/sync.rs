@@ -1,0 +1,255 @@
+//! Benchmarks that print figures (never timed assertions): `just bench` or
+//! `cargo bench --bench sync [-- latency small large restart]`.
+//!
+//! Both nodes run in this process over loopback QUIC with real certificates.
+//! Reference tools measured in the same run: `cp -a` and an rsync daemon over
+//! loopback (skipped with a note if rsync is not installed). Workloads come from
+//! the shared deterministic generator (`../shared/workloads/gen.py`, or
+//! `$DIRSYNC_WORKLOADS`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dirsync::certs::{self, CertRequest};
+use dirsync::events::EventKind;
+use dirsync::node::{self, NodeConfig, NodeHandle};
+
+struct Bench {
+    tmp: tempfile::TempDir,
+    certs: PathBuf,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let tmp = tempfile::Builder::new()
+            .prefix("dirsync-bench-")
+            .tempdir()
+            .expect("temp dir");
+        let certs = tmp.path().join("certs");
+        certs::generate(&CertRequest::defaults(&certs)).expect("certs");
+        Bench { tmp, certs }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
+    fn config(&self, name: &str, dir: &Path, peers: &[&NodeHandle]) -> NodeConfig {
+        let mut c = NodeConfig::new(
+            name,
+            dir.to_path_buf(),
+            "127.0.0.1:0".parse().unwrap(),
+            self.certs.clone(),
+        );
+        c.peers = peers.iter().map(|p| p.local_addr().to_string()).collect();
+        c.max_backoff = Duration::from_millis(200);
+        c
+    }
+}
+
+async fn wait_connected(a: &NodeHandle, b: &NodeHandle) {
+    while a.connected_peers().is_empty() || b.connected_peers().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Waits until `b` indexes as many files and bytes as `a`.
+async fn wait_caught_up(a: &NodeHandle, b: &NodeHandle, limit: Duration) -> bool {
+    let want = a.engine().totals().await.expect("totals");
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if b.engine().totals().await.expect("totals") == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+fn gen(what: &str, dir: &Path) {
+    let script = std::env::var("DIRSYNC_WORKLOADS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/workloads/gen.py")
+        });
+    let ok = Command::new("python3")
+        .arg(&script)
+        .arg(what)
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "workload generator {} failed", script.display());
+}
+
+fn time_cmd(cmd: &mut Command) -> Option<Duration> {
+    let t = Instant::now();
+    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+    ok.then(|| t.elapsed())
+}
+
+/// rsync daemon on loopback serving `src`; copies it into `dst`.
+fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<Duration> {
+    if Command::new("rsync").arg("--version").output().is_err() {
+        println!("  rsync: not installed (apt-get install rsync), skipped");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let conf = work.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\n[w]\npath = {}\nread only = yes\n",
+            src.display()
+        ),
+    )
+    .ok()?;
+    let mut daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300)); // let the daemon bind (one-off, outside timing)
+    let t = time_cmd(
+        Command::new("rsync")
+            .arg("-a")
+            .arg(format!("rsync://127.0.0.1:{port}/w/"))
+            .arg(dst),
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    t
+}
+
+async fn latency(bench: &Bench) {
+    println!("latency: a 4 KiB file written on a, until b has installed it (200 runs)");
+    let (da, db) = (bench.dir("lat-a"), bench.dir("lat-b"));
+    let a = node::start(bench.config("a", &da, &[])).await.expect("a");
+    let b = node::start(bench.config("b", &db, &[&a])).await.expect("b");
+    wait_connected(&a, &b).await;
+    let mut events = b.events();
+    let mut samples = Vec::new();
+    for i in 0..200u32 {
+        let path = format!("f{i}.bin");
+        let body: Vec<u8> = (0..4096u32)
+            .map(|j| (j.wrapping_mul(31) ^ i) as u8)
+            .collect();
+        let t = Instant::now();
+        std::fs::write(da.join(&path), &body).expect("write");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                Ok(Ok(e))
+                    if e.event == EventKind::Received
+                        && e.path.as_deref() == Some(path.as_str()) =>
+                {
+                    break
+                }
+                Ok(_) => continue,
+                Err(_) => panic!("{path} did not arrive"),
+            }
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let pct = |p: usize| samples[(samples.len() * p / 100).min(samples.len() - 1)];
+    println!("  p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (targets: p50 <= 10 ms, p99 <= 50 ms; lsyncd delay=0 ~11 ms, Syncthing default 10 s)",
+        pct(50).as_secs_f64() * 1e3, pct(90).as_secs_f64() * 1e3, pct(99).as_secs_f64() * 1e3);
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+async fn workload(bench: &Bench, what: &str, restart: bool) {
+    let (da, db) = (
+        bench.dir(&format!("{what}-a")),
+        bench.dir(&format!("{what}-b")),
+    );
+    gen(what, &da);
+    let t = Instant::now();
+    let a = node::start(bench.config("a", &da, &[])).await.expect("a");
+    let b_config = bench.config("b", &db, &[&a]);
+    let b = node::start(b_config.clone()).await.expect("b");
+    let ok = wait_caught_up(&a, &b, Duration::from_secs(600)).await;
+    let ours = t.elapsed();
+    let (files, bytes) = a.engine().totals().await.expect("totals");
+    println!(
+        "{what}: {files} files, {:.1} MB, from an empty peer",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "  dirsync (start both nodes, hash, sync, fsync): {:.3} s{}",
+        ours.as_secs_f64(),
+        if ok { "" } else { " (DID NOT FINISH)" }
+    );
+    let cp = time_cmd(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&da)
+            .arg(bench.tmp.path().join(format!("{what}-cp"))),
+    );
+    let rs = rsync_time(&da, &bench.dir(&format!("{what}-rsync")), bench.tmp.path());
+    if let Some(cp) = cp {
+        println!(
+            "  cp -a: {:.3} s (dirsync / cp = {:.2}x)",
+            cp.as_secs_f64(),
+            ours.as_secs_f64() / cp.as_secs_f64()
+        );
+    }
+    if let Some(rs) = rs {
+        println!(
+            "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x)",
+            rs.as_secs_f64(),
+            ours.as_secs_f64() / rs.as_secs_f64()
+        );
+    }
+    if restart {
+        b.shutdown().await;
+        let t = Instant::now();
+        let b = node::start(b_config).await.expect("b again");
+        let started = t.elapsed();
+        wait_connected(&a, &b).await;
+        let connected = t.elapsed();
+        // A probe proves the session is live again end to end.
+        std::fs::write(da.join("probe.txt"), b"probe").expect("probe");
+        while std::fs::read(db.join("probe.txt"))
+            .map(|c| c != b"probe")
+            .unwrap_or(true)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        println!("  restart of b with {files} unchanged files: rescan {:.3} s, reconnected {:.3} s, a new file through {:.3} s (target 0.5 s; unison no-change ~0.15 s)",
+            started.as_secs_f64(), connected.as_secs_f64(), t.elapsed().as_secs_f64());
+        b.shutdown().await;
+    } else {
+        b.shutdown().await;
+    }
+    a.shutdown().await;
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let bench = Bench::new();
+    rt.block_on(async {
+        if want("latency") {
+            latency(&bench).await;
+        }
+        if want("small") || want("restart") {
+            workload(&bench, "small", want("restart")).await;
+        }
+        if want("large") {
+            workload(&bench, "large", false).await;
+        }
+    });
+}

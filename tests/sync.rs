@@ -1,0 +1,349 @@
+//! The sync engine between real nodes: what one node changes, the others get.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use dirsync::events::EventKind;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_modify_delete_dirs_and_empty_dirs() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, "before/start.txt", b"there before the nodes started");
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_same_trees(&[&da, &db], T).await;
+    assert_eq!(
+        std::fs::read(db.join("before/start.txt")).unwrap(),
+        b"there before the nodes started"
+    );
+
+    write(&da, "new.txt", b"hello");
+    wait_content(&db, "new.txt", b"hello").await;
+    write(&da, "new.txt", b"hello again, longer");
+    wait_content(&db, "new.txt", b"hello again, longer").await;
+    std::fs::create_dir_all(da.join("empty/nested/deeper")).unwrap();
+    write(&db, "from b/ünïcödé name.txt", b"the other way");
+    wait_content(&da, "from b/ünïcödé name.txt", b"the other way").await;
+    wait_until("empty dirs on b", T, || {
+        db.join("empty/nested/deeper").is_dir()
+    })
+    .await;
+
+    std::fs::remove_file(da.join("new.txt")).unwrap();
+    wait_gone(&db, "new.txt").await;
+    std::fs::remove_dir_all(db.join("empty")).unwrap();
+    wait_gone(&da, "empty").await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_is_a_local_move_not_a_transfer() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    let content = vec![42u8; 300_000];
+    write(&da, "docs/old name.bin", &content);
+    wait_content(&db, "docs/old name.bin", &content).await;
+    let log = EventLog::of(&b);
+    std::fs::create_dir_all(da.join("archive")).unwrap();
+    std::fs::rename(
+        da.join("docs/old name.bin"),
+        da.join("archive/new name.bin"),
+    )
+    .unwrap();
+    wait_content(&db, "archive/new name.bin", &content).await;
+    wait_gone(&db, "docs/old name.bin").await;
+    let kinds = log.kinds_for("archive/new name.bin");
+    assert!(
+        !kinds.contains(&EventKind::Received),
+        "renamed content must not cross the network: {kinds:?}"
+    );
+    assert!(
+        kinds.contains(&EventKind::Renamed) || kinds.contains(&EventKind::CopiedLocally),
+        "{kinds:?}"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_are_synced_as_links_and_the_exec_bit_travels() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    std::os::unix::fs::symlink("../../../../etc/passwd", da.join("outside")).unwrap();
+    std::os::unix::fs::symlink("script.sh", da.join("inside")).unwrap();
+    write(&da, "script.sh", b"#!/bin/sh\necho hi\n");
+    wait_content(&db, "script.sh", b"#!/bin/sh\necho hi\n").await;
+    wait_until("links on b", T, || {
+        db.join("outside").symlink_metadata().is_ok()
+            && db.join("inside").symlink_metadata().is_ok()
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_link(db.join("outside")).unwrap().to_str(),
+        Some("../../../../etc/passwd")
+    );
+    assert!(db
+        .join("outside")
+        .symlink_metadata()
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    std::fs::set_permissions(da.join("script.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    wait_until("exec bit on b", T, || {
+        std::fs::metadata(db.join("script.sh"))
+            .map(|m| m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    })
+    .await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_deletion_wins_when_the_node_comes_back() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, "doomed.txt", b"x");
+    write(&da, "kept.txt", b"y");
+    let a = env.start("a", &[]).await;
+    let cb = env.config("b", &[a.local_addr()]);
+    let b = dirsync::node::start(cb.clone()).await.unwrap();
+    wait_content(&db, "doomed.txt", b"x").await;
+    wait_content(&db, "kept.txt", b"y").await;
+
+    // Deleted on a while b is down: the deletion reaches b when it returns.
+    b.shutdown().await;
+    std::fs::remove_file(da.join("doomed.txt")).unwrap();
+    let b = dirsync::node::start(cb.clone()).await.unwrap();
+    wait_gone(&db, "doomed.txt").await;
+
+    // Deleted on b while b is down: b sees it at start-up and a follows.
+    b.shutdown().await;
+    std::fs::remove_file(db.join("kept.txt")).unwrap();
+    let b = dirsync::node::start(cb).await.unwrap();
+    wait_gone(&da, "kept.txt").await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_on_both_sides_keep_both_versions() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, "notes.txt", b"original");
+    write(&da, "same.txt", b"original");
+    let a = env.start("a", &[]).await;
+    let cb = env.config("b", &[a.local_addr()]);
+    let b = dirsync::node::start(cb.clone()).await.unwrap();
+    wait_content(&db, "notes.txt", b"original").await;
+    b.shutdown().await;
+    let log = EventLog::of(&a);
+
+    write(&da, "notes.txt", b"edited on a");
+    write(&db, "notes.txt", b"edited on b, later");
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(db.join("notes.txt"))
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    write(&da, "same.txt", b"identical edit");
+    write(&db, "same.txt", b"identical edit");
+    a.engine().scan(None).await.unwrap();
+
+    let b = dirsync::node::start(cb).await.unwrap();
+    wait_content(&da, "notes.txt", b"edited on b, later").await;
+    wait_same_trees(&[&da, &db], T).await;
+    let tree = tree(&da);
+    let copies: Vec<&String> = tree
+        .keys()
+        .filter(|k| k.contains(".sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "exactly one conflict copy: {tree:#?}");
+    assert!(
+        copies[0].starts_with("notes.sync-conflict-") && copies[0].ends_with("-a.txt"),
+        "{copies:?}"
+    );
+    assert_eq!(std::fs::read(da.join(copies[0])).unwrap(), b"edited on a");
+    assert_eq!(
+        std::fs::read(db.join("same.txt")).unwrap(),
+        b"identical edit"
+    );
+    assert!(
+        log.all().iter().any(|e| e.event == EventKind::Conflict),
+        "a conflict event on a"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_converges_through_the_middle_node() {
+    let env = TestEnv::new();
+    let (da, db, dc) = (env.dir("a"), env.dir("b"), env.dir("c"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    let c = env.start("c", &[b.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    wait_connected(&[&b, &c]).await;
+    write(&da, "from-a/deep/file.txt", b"travels two hops");
+    write(&dc, "from-c.txt", b"and back");
+    wait_content(&dc, "from-a/deep/file.txt", b"travels two hops").await;
+    wait_content(&da, "from-c.txt", b"and back").await;
+    std::fs::remove_dir_all(da.join("from-a")).unwrap();
+    wait_gone(&dc, "from-a").await;
+    wait_same_trees(&[&da, &db, &dc], T).await;
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_is_streamed_and_verified() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    // 64 MiB of non-repeating bytes, written in pieces (never one 64 MiB buffer).
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(da.join("big.bin")).unwrap();
+        let mut block = [0u8; 1 << 16];
+        for i in 0u32..1024 {
+            for (j, chunk) in block.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&(i.wrapping_mul(2654435761) ^ j as u32).to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let want = dirsync::hash::ContentHash::of_file(&da.join("big.bin")).unwrap();
+    let log = EventLog::of(&b);
+    let size = 64 << 20;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = std::fs::metadata(db.join("big.bin"))
+            .map(|m| m.len() == size)
+            .unwrap_or(false)
+            && dirsync::hash::ContentHash::of_file(&db.join("big.bin")).ok() == Some(want);
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "big.bin not on b after 120 s; b's events: {:#?}",
+            log.all().iter().map(|e| e.human()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        log.all()
+            .iter()
+            .any(|e| e.event == EventKind::Received && e.bytes == Some(size)),
+        "{:?}",
+        log.all()
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_create_and_delete_of_ten_thousand_files() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    for i in 0..10_000 {
+        write(
+            &da,
+            &format!("bulk/{:02}/{i}.txt", i % 50),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    let on_b = || count_files(&db.join("bulk"));
+    wait_until("10,000 files on b", Duration::from_secs(180), || {
+        on_b() == 10_000
+    })
+    .await;
+    wait_same_trees(&[&da, &db], T).await;
+    let log = EventLog::of(&b);
+    std::fs::remove_dir_all(da.join("bulk")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while db.join("bulk").exists() {
+        if std::time::Instant::now() > deadline {
+            let failures: Vec<_> = log
+                .all()
+                .into_iter()
+                .filter(|e| e.event != EventKind::Deleted)
+                .take(20)
+                .collect();
+            panic!(
+                "bulk still on b: {} entries left; a has {:?}; events: {failures:#?}",
+                tree(&db).len(),
+                tree(&da).len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_paths_are_neither_sent_nor_deleted_and_nodes_go_quiet() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, ".dirsyncignore", b"*.log\nbuild/\n");
+    write(&db, ".dirsyncignore", b"*.log\nbuild/\n");
+    write(&da, "build/out.o", b"object");
+    write(&da, "app.log", b"log line");
+    write(&da, "src/main.rs", b"fn main() {}");
+    write(&db, "b-only.log", b"b's own log");
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_content(&db, "src/main.rs", b"fn main() {}").await;
+    write(&da, "later.log", b"not synced either");
+    write(&da, "src/lib.rs", b"// synced");
+    wait_content(&db, "src/lib.rs", b"// synced").await;
+    assert!(
+        !db.join("build").exists()
+            && !db.join("app.log").exists()
+            && !db.join("later.log").exists()
+    );
+    assert!(
+        da.join("build/out.o").exists()
+            && db.join("b-only.log").exists()
+            && !da.join("b-only.log").exists()
+    );
+
+    // Once converged, nothing echoes back and forth: both indexes stay put.
+    let (sa, sb) = (a.engine().seq(), b.engine().seq());
+    let (before_a, before_b) = (*sa.borrow(), *sb.borrow());
+    tokio::time::sleep(Duration::from_millis(1500)).await; // an observation window, not a sync wait
+    assert_eq!(
+        (*sa.borrow(), *sb.borrow()),
+        (before_a, before_b),
+        "index sequences moved after convergence"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
