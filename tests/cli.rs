@@ -311,3 +311,98 @@ fn demo_prints_a_merged_listing() {
     assert!(stdout.contains("conflict docs/plan.txt"), "{stdout}");
     assert!(Path::new(&tmp.path().join("certs/ca.pem")).exists());
 }
+
+#[test]
+fn status_and_watch_show_what_a_node_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let certs_s = certs.to_str().unwrap();
+    assert!(cli(&["certs", "--out", certs_s]).status.success());
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let a = NodeProc::spawn(
+        &[
+            "--dir",
+            da.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            certs_s,
+            "--name",
+            "a",
+        ],
+        &[],
+    );
+    let addr = a.addr();
+    let b = NodeProc::spawn(
+        &[
+            "--dir",
+            db.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            certs_s,
+            "--name",
+            "b",
+            "--peer",
+            &addr,
+        ],
+        &[],
+    );
+    a.wait_for("peer b connected");
+
+    // watch: start streaming, then make b receive a file.
+    let mut watch = Command::new(CLI)
+        .args(["--server", &addr, "--certs", certs_s, "watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The watch stream is live once a's own change shows up in it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let mut n = 0;
+    loop {
+        n += 1;
+        std::fs::write(db.join(format!("hello-{n}.txt")), b"from b").unwrap();
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.push(line);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event from watch");
+    }
+    while !seen.iter().any(|l| l.contains("\"received\"")) {
+        seen.push(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("a received event"),
+        );
+    }
+    let event: serde_json::Value =
+        serde_json::from_str(seen.iter().find(|l| l.contains("\"received\"")).unwrap()).unwrap();
+    assert_eq!(event["node"], "a");
+    assert_eq!(event["peer"], "b");
+    assert!(event["path"].as_str().unwrap().starts_with("hello-"));
+    assert_eq!(event["bytes"], 6);
+    assert!(event["time"].as_str().unwrap().ends_with('Z'));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    b.wait_for("peer a connected");
+
+    let out = cli(&["--server", &addr, "--certs", certs_s, "status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["name"], "a");
+    assert!(status["files"].as_u64().unwrap() >= 1);
+    assert_eq!(status["peers"][0]["name"], "b");
+    assert_eq!(status["peers"][0]["connected"], true);
+    let human = text(&cli(&["--server", &addr, "--certs", certs_s, "status"]).stdout);
+    assert!(human.contains("peer b: connected since"), "{human}");
+}

@@ -347,3 +347,44 @@ async fn ignored_paths_are_neither_sent_nor_deleted_and_nodes_go_quiet() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_folder_marker_stops_the_node_instead_of_deleting_everything() {
+    let env = TestEnv::new();
+    let da = env.dir("a");
+    write(&da, "precious.txt", b"keep me");
+    let mut config = env.config("a", &[]);
+    // State outside the synced directory, as with a separate disk for the data.
+    config.state_dir = env.tmp.path().join("state-a");
+    let a = dirsync::node::start(config.clone()).await.unwrap();
+    a.shutdown().await;
+
+    // The data disk "is not mounted": the directory is there, empty, no marker.
+    std::fs::remove_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&da).unwrap();
+    let err = dirsync::node::start(config.clone())
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("marker") && text.contains("unmounted"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_files_of_an_interrupted_transfer_are_removed_at_start() {
+    let env = TestEnv::new();
+    let da = env.dir("a");
+    write(&da, "sub/.dirsync-tmp-123-0-report.pdf", b"half a file");
+    write(&da, "sub/real.txt", b"real");
+    let a = env.start("a", &[]).await;
+    assert!(!da.join("sub/.dirsync-tmp-123-0-report.pdf").exists());
+    let files = a.engine().local_files().await.unwrap();
+    assert_eq!(
+        files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        ["sub/real.txt"]
+    );
+    a.shutdown().await;
+}

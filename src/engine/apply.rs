@@ -83,10 +83,12 @@ pub async fn apply_batch(
                 || crate::path::RelPath::parse(&r.path).is_err()
         })
         .collect();
-    let by_path: HashMap<String, Record> = records
-        .iter()
-        .map(|r| (r.path.clone(), r.clone()))
-        .collect();
+    let by_path: Arc<HashMap<String, Record>> = Arc::new(
+        records
+            .iter()
+            .map(|r| (r.path.clone(), r.clone()))
+            .collect(),
+    );
     let plan = engine
         .with_store(move |s| diff::plan(&View(s), &records))
         .await?;
@@ -125,22 +127,7 @@ pub async fn apply_batch(
             _ => files.push(step),
         }
     }
-    for step in first {
-        let remote = step_remote(&step).cloned();
-        match run_step(
-            engine.clone(),
-            peer.to_string(),
-            conn.clone(),
-            step,
-            &by_path,
-        )
-        .await
-        {
-            Ok(d) => done.push(d),
-            Err(e) => fail(engine, peer, remote, e, &mut applied),
-        }
-        applied.steps += 1;
-    }
+    run_in_order(engine, peer, conn, first, &by_path, &mut done, &mut applied).await;
     let mut parallel = JoinSet::new();
     let slots = Arc::new(Semaphore::new(PARALLEL_FETCHES));
     for step in files {
@@ -164,24 +151,46 @@ pub async fn apply_batch(
         });
     }
     drain(&mut parallel, &mut done, &mut applied).await;
-    for step in deletes {
+    run_in_order(
+        engine,
+        peer,
+        conn,
+        deletes,
+        &by_path,
+        &mut done,
+        &mut applied,
+    )
+    .await;
+    commit(engine, peer, done, progress, &mut applied, &paths).await?;
+    Ok(applied)
+}
+
+/// Runs `steps` one after another (directories, links, merges; deletions).
+async fn run_in_order(
+    engine: &Arc<Engine>,
+    peer: &str,
+    conn: &Connection,
+    steps: Vec<Step>,
+    by_path: &Arc<HashMap<String, Record>>,
+    done: &mut Vec<Done>,
+    applied: &mut Applied,
+) {
+    for step in steps {
         let remote = step_remote(&step).cloned();
         match run_step(
             engine.clone(),
             peer.to_string(),
             conn.clone(),
             step,
-            &by_path,
+            by_path,
         )
         .await
         {
             Ok(d) => done.push(d),
-            Err(e) => fail(engine, peer, remote, e, &mut applied),
+            Err(e) => fail(engine, peer, remote, e, applied),
         }
         applied.steps += 1;
     }
-    commit(engine, peer, done, progress, &mut applied, &paths).await?;
-    Ok(applied)
 }
 
 fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, applied: &mut Applied) {
