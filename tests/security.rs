@@ -321,6 +321,11 @@ async fn a_peer_cannot_write_outside_the_root() {
         || da.join("link").symlink_metadata().is_ok(),
     )
     .await;
+    // The failure of the path through the link runs beside good.txt's install.
+    log.wait_for("link/through.txt", |e| {
+        matches!(e.event, EventKind::Refused | EventKind::Failed)
+    })
+    .await;
     let refused: Vec<String> = log
         .all()
         .iter()

@@ -63,6 +63,7 @@ async fn rename_is_a_local_move_not_a_transfer() {
     .unwrap();
     wait_content(&db, "archive/new name.bin", &content).await;
     wait_gone(&db, "docs/old name.bin").await;
+    log.wait_for("archive/new name.bin", |_| true).await;
     let kinds = log.kinds_for("archive/new name.bin");
     assert!(
         !kinds.contains(&EventKind::Received),
@@ -187,10 +188,8 @@ async fn offline_edits_on_both_sides_keep_both_versions() {
         std::fs::read(db.join("same.txt")).unwrap(),
         b"identical edit"
     );
-    assert!(
-        log.all().iter().any(|e| e.event == EventKind::Conflict),
-        "a conflict event on a"
-    );
+    log.wait_for("notes.txt", |e| e.event == EventKind::Conflict)
+        .await;
     b.shutdown().await;
     a.shutdown().await;
 }
@@ -254,13 +253,10 @@ async fn a_large_file_is_streamed_and_verified() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        log.all()
-            .iter()
-            .any(|e| e.event == EventKind::Received && e.bytes == Some(size)),
-        "{:?}",
-        log.all()
-    );
+    log.wait_for("big.bin", |e| {
+        e.event == EventKind::Received && e.bytes == Some(size)
+    })
+    .await;
     b.shutdown().await;
     a.shutdown().await;
 }

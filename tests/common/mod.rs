@@ -318,6 +318,20 @@ impl EventLog {
             .collect()
     }
 
+    /// Waits until an event for `path` satisfies `pred` (events are emitted after
+    /// the index commit, a moment after the file is on disk).
+    pub async fn wait_for(&self, path: &str, pred: impl Fn(&dirsync::events::Event) -> bool) {
+        let what = format!("an event for {path}");
+        wait_until(&what, Duration::from_secs(20), || {
+            self.events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.path.as_deref() == Some(path) && pred(e))
+        })
+        .await;
+    }
+
     pub fn all(&self) -> Vec<dirsync::events::Event> {
         self.events.lock().unwrap().clone()
     }
