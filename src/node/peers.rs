@@ -171,9 +171,12 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, addr: String) {
                     },
                 );
                 let pulled = pull_from(shared.clone(), name.clone(), conn.clone());
-                tokio::select! {
-                    _ = shared.cancelled() => return,
-                    _ = async { tokio::join!(served, pulled) } => {}
+                // Not cut short on shutdown: closing the endpoint ends the session,
+                // and a batch being applied still commits what it installed.
+                tokio::join!(served, pulled);
+                if *shared.shutdown.borrow() {
+                    shared.unregister(&name, &conn);
+                    return;
                 }
                 shared.unregister(&name, &conn);
                 shared.set_status(

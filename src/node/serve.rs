@@ -59,7 +59,19 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
             .in_current_span(),
         );
     }
-    conns.shutdown().await;
+    drain(conns).await;
+}
+
+/// Lets tasks finish on their own (their connections are closing: a batch being
+/// applied still commits what it installed), then aborts what is left.
+async fn drain(mut set: JoinSet<()>) {
+    let all = async { while set.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(2), all)
+        .await
+        .is_err()
+    {
+        set.shutdown().await;
+    }
 }
 
 /// Answers requests on `conn`'s streams until the connection closes.
@@ -78,7 +90,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, conn: Connection, id: 
             handle_stream(shared.clone(), conn.clone(), id.clone(), send, recv).instrument(span),
         );
     }
-    streams.shutdown().await;
+    drain(streams).await;
 }
 
 async fn handle_stream(

@@ -321,15 +321,26 @@ impl EventLog {
     /// Waits until an event for `path` satisfies `pred` (events are emitted after
     /// the index commit, a moment after the file is on disk).
     pub async fn wait_for(&self, path: &str, pred: impl Fn(&dirsync::events::Event) -> bool) {
-        let what = format!("an event for {path}");
-        wait_until(&what, Duration::from_secs(20), || {
-            self.events
-                .lock()
-                .unwrap()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self.events.lock().unwrap().clone();
+            if events
                 .iter()
                 .any(|e| e.path.as_deref() == Some(path) && pred(e))
-        })
-        .await;
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching event for {path} within 20 s; its events: {:#?}",
+                events
+                    .iter()
+                    .filter(|e| e.path.as_deref() == Some(path))
+                    .map(|e| e.human())
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn all(&self) -> Vec<dirsync::events::Event> {
