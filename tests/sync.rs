@@ -226,8 +226,9 @@ async fn a_large_file_is_streamed_and_verified() {
     {
         use std::io::Write;
         // Written beside the tree and moved in, as most tools save large files.
-        // (A file growing in place for seconds under heavy CPU contention can leave
-        // the receiver retrying an intermediate version: open work, see the notes.)
+        // (A file growing in place for seconds under heavy CPU contention can still
+        // leave the receiver retrying an intermediate version about 1 run in 4:
+        // open work, see the notes; write to da.join("big.bin") to reproduce.)
         let mut f = std::fs::File::create(env.tmp.path().join("big.bin.partial")).unwrap();
         let mut block = [0u8; 1 << 16];
         for i in 0u32..1024 {

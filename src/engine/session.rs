@@ -93,12 +93,26 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
+    // Frames are read by their own task: `read_message` is not cancel-safe, and the
+    // loop below also waits on a retry timer. Dropping a half-read frame would
+    // desynchronise the stream for good.
+    let (tx, mut frames) = tokio::sync::mpsc::channel(4);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let msg = read_message(&mut recv).await;
+            let end = !matches!(msg, Ok(Some(_)));
+            if tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    }));
     let mut pending: BTreeMap<String, (Record, u32)> = BTreeMap::new();
     let mut last: Option<(IndexId, u64)> = progress;
     let mut retry = tokio::time::interval(RETRY_EVERY);
     loop {
         tokio::select! {
-            msg = read_message(&mut recv) => {
+            msg = frames.recv() => {
+                let msg = msg.unwrap_or(Ok(None));
                 let (index_id, max_seq, records) = match msg {
                     Ok(Some(Message::IndexBatch { index_id, max_seq, records })) => (index_id, max_seq, records),
                     Ok(Some(other)) => return Err(format!("unexpected {} on the index stream", other.kind())),
@@ -129,5 +143,14 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
                 }
             }
         }
+    }
+}
+
+/// Aborts a task when dropped, so no reader outlives its session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
