@@ -217,19 +217,31 @@ async fn a_chain_converges_through_the_middle_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_file_is_streamed_and_verified() {
+    large_file(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_growing_in_place_arrives_whole() {
+    large_file(true).await;
+}
+
+/// 64 MiB of non-repeating bytes, written in pieces (never one 64 MiB buffer),
+/// either in place (the file grows under the watcher for a while) or beside the tree
+/// and moved in, as most tools save large files.
+async fn large_file(in_place: bool) {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
     let a = env.start("a", &[]).await;
     let b = env.start("b", &[a.local_addr()]).await;
     wait_connected(&[&a, &b]).await;
-    // 64 MiB of non-repeating bytes, written in pieces (never one 64 MiB buffer).
+    let log = EventLog::of(&b);
     {
         use std::io::Write;
-        // Written beside the tree and moved in, as most tools save large files.
-        // (A file growing in place for seconds under heavy CPU contention can still
-        // leave the receiver retrying an intermediate version about 1 run in 4:
-        // open work, see the notes; write to da.join("big.bin") to reproduce.)
-        let mut f = std::fs::File::create(env.tmp.path().join("big.bin.partial")).unwrap();
+        let partial = match in_place {
+            true => da.join("big.bin"),
+            false => env.tmp.path().join("big.bin.partial"),
+        };
+        let mut f = std::fs::File::create(&partial).unwrap();
         let mut block = [0u8; 1 << 16];
         for i in 0u32..1024 {
             for (j, chunk) in block.chunks_mut(4).enumerate() {
@@ -237,10 +249,11 @@ async fn a_large_file_is_streamed_and_verified() {
             }
             f.write_all(&block).unwrap();
         }
+        if !in_place {
+            std::fs::rename(&partial, da.join("big.bin")).unwrap();
+        }
     }
-    std::fs::rename(env.tmp.path().join("big.bin.partial"), da.join("big.bin")).unwrap();
     let want = dirsync::hash::ContentHash::of_file(&da.join("big.bin")).unwrap();
-    let log = EventLog::of(&b);
     let size = 64 << 20;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {

@@ -83,15 +83,28 @@ pub async fn apply_batch(
                 || crate::path::RelPath::parse(&r.path).is_err()
         })
         .collect();
-    let by_path: Arc<HashMap<String, Record>> = Arc::new(
-        records
-            .iter()
-            .map(|r| (r.path.clone(), r.clone()))
-            .collect(),
-    );
-    let plan = engine
-        .with_store(move |s| diff::plan(&View(s), &records))
+    // Claimed before planning, so no scan versions these paths behind the plan.
+    let mut claim = engine.claim(records.iter().map(|r| r.path.clone()).collect());
+    let by_path: HashMap<String, Record> = records
+        .iter()
+        .map(|r| (r.path.clone(), r.clone()))
+        .collect();
+    let (plan, planned) = engine
+        .with_store(move |s| {
+            let planned: HashMap<String, Option<u64>> = records
+                .iter()
+                .map(|r| {
+                    let seq = s.get(&r.path).ok().flatten().map(|e| e.record.seq);
+                    (r.path.clone(), seq)
+                })
+                .collect();
+            (diff::plan(&View(s), &records), planned)
+        })
         .await?;
+    let by_path = Arc::new(Batch {
+        records: by_path,
+        planned,
+    });
     for (path, why) in &plan.refused {
         tracing::warn!("{}: refused a record from {peer}: {why}", engine.name);
         engine.emit(
@@ -101,12 +114,7 @@ pub async fn apply_batch(
                 .detail(why.to_string()),
         );
     }
-    let paths: Vec<String> = plan.steps.iter().flat_map(step_paths).collect();
-    engine
-        .installing
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(paths.iter().cloned());
+    claim.add(plan.steps.iter().flat_map(step_paths).collect());
 
     let mut applied = Applied::default();
     let mut done: Vec<Done> = Vec::new();
@@ -161,7 +169,7 @@ pub async fn apply_batch(
         &mut applied,
     )
     .await;
-    commit(engine, peer, done, progress, &mut applied, &paths).await?;
+    commit(engine, peer, done, progress, &mut applied, claim).await?;
     Ok(applied)
 }
 
@@ -171,7 +179,7 @@ async fn run_in_order(
     peer: &str,
     conn: &Connection,
     steps: Vec<Step>,
-    by_path: &Arc<HashMap<String, Record>>,
+    by_path: &Arc<Batch>,
     done: &mut Vec<Done>,
     applied: &mut Applied,
 ) {
@@ -231,7 +239,7 @@ async fn commit(
     done: Vec<Done>,
     progress: Option<(IndexId, u64)>,
     applied: &mut Applied,
-    paths: &[String],
+    claim: super::InstallGuard,
 ) -> Result<(), EngineError> {
     let dirs: BTreeSet<PathBuf> = done.iter().flat_map(|d| d.dirs.iter().cloned()).collect();
     let updates: Vec<Update> = done
@@ -260,12 +268,7 @@ async fn commit(
             )
         })
         .await;
-    {
-        let mut installing = engine.installing.lock().unwrap_or_else(|p| p.into_inner());
-        for p in paths {
-            installing.remove(p);
-        }
-    }
+    drop(claim);
     let max = result??;
     engine.seq.send_if_modified(|s| {
         let changed = *s != max;
@@ -317,6 +320,27 @@ fn step_remote(step: &Step) -> Option<&Record> {
     }
 }
 
+/// A batch's records by path, and the sequence number each path had in the local
+/// index when the batch was planned.
+struct Batch {
+    records: HashMap<String, Record>,
+    planned: HashMap<String, Option<u64>>,
+}
+
+impl Batch {
+    /// The local entry of `path`, refused if it moved on since planning (a local
+    /// edit indexed meanwhile): the plan no longer holds, the record is retried.
+    async fn entry(&self, engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, String> {
+        let entry = local_entry(engine, path).await?;
+        match self.planned.get(path) {
+            Some(seq) if *seq != entry.as_ref().map(|e| e.record.seq) => Err(format!(
+                "{path} changed locally while the update was planned; retrying"
+            )),
+            _ => Ok(entry),
+        }
+    }
+}
+
 async fn local_entry(engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, String> {
     let p = path.to_string();
     match engine.with_store(move |s| s.get(&p)).await {
@@ -331,7 +355,7 @@ async fn run_step(
     peer: String,
     conn: Connection,
     step: Step,
-    batch: &HashMap<String, Record>,
+    batch: &Batch,
 ) -> Result<Done, String> {
     let ev = |kind: EventKind, path: &str| {
         Event::new(&engine.name, kind)
@@ -340,7 +364,7 @@ async fn run_step(
     };
     match step {
         Step::Adopt { path, version } => {
-            let local = local_entry(&engine, &path).await?;
+            let local = batch.entry(&engine, &path).await?;
             let (record, stat) = match local {
                 Some(e) => (
                     Record {
@@ -349,7 +373,7 @@ async fn run_step(
                     },
                     e.stat,
                 ),
-                None => match batch.get(&path) {
+                None => match batch.records.get(&path) {
                     Some(r) => (r.clone(), None),
                     None => return Err(format!("nothing to adopt for {path}")),
                 },
@@ -363,7 +387,7 @@ async fn run_step(
             remote,
             local_source,
         } => {
-            let local = local_entry(&engine, &remote.path).await?;
+            let local = batch.entry(&engine, &remote.path).await?;
             let (stat, bytes, millis, dir) = install_file(
                 &engine,
                 &conn,
@@ -391,7 +415,7 @@ async fn run_step(
             })
         }
         Step::MakeDir { remote } => {
-            let local = local_entry(&engine, &remote.path).await?;
+            let local = batch.entry(&engine, &remote.path).await?;
             let (stat, dir) = make_dir(&engine.root, &remote, local.as_ref())?;
             Ok(Done {
                 updates: vec![Update {
@@ -404,7 +428,7 @@ async fn run_step(
             })
         }
         Step::MakeSymlink { remote } => {
-            let local = local_entry(&engine, &remote.path).await?;
+            let local = batch.entry(&engine, &remote.path).await?;
             let (stat, dir) = make_symlink(&engine.root, &remote, local.as_ref())?;
             let target = remote.target.clone().unwrap_or_default();
             Ok(Done {
@@ -418,7 +442,7 @@ async fn run_step(
             })
         }
         Step::Delete { remote } => {
-            let local = local_entry(&engine, &remote.path).await?;
+            let local = batch.entry(&engine, &remote.path).await?;
             let (dir, rescan) = delete(&engine.root, &remote, local.as_ref())?;
             if !rescan.is_empty() && only_indexed_children(&engine, &remote.path).await {
                 // What is left is known to the index: its deletions are still on
@@ -441,7 +465,7 @@ async fn run_step(
             from_tombstone,
         } => {
             let local_from = local_entry(&engine, &from).await?;
-            let local_to = local_entry(&engine, &remote.path).await?;
+            let local_to = batch.entry(&engine, &remote.path).await?;
             let (stat, dirs) = rename(
                 &engine.root,
                 &from,
@@ -508,6 +532,12 @@ async fn conflict(
     copy: String,
 ) -> Result<Done, String> {
     let entry = local_entry(engine, &local.path).await?;
+    if entry.as_ref().map(|e| e.record.seq) != Some(local.seq) {
+        return Err(format!(
+            "{} changed locally while the conflict was planned; retrying",
+            local.path
+        ));
+    }
     let abs = rel_abs(&engine.root, &local.path)?;
     check_unchanged(&abs, entry.as_ref())?;
     // Two conflicts on one path within a second would get the same name: number them.

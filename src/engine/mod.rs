@@ -75,8 +75,9 @@ pub struct Engine {
     excluded: Vec<(u64, u64)>,
     store: Mutex<Store>,
     ignore: RwLock<IgnoreRules>,
-    /// Paths being installed from a peer: scans leave them alone until committed.
-    installing: Mutex<HashSet<String>>,
+    /// Paths being installed from a peer (with how many batches claim each): scans
+    /// leave them alone until committed.
+    installing: Mutex<HashMap<String, usize>>,
     seq: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
     /// Transfers running and waiting, for status.
@@ -192,6 +193,16 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Join(e.to_string()))
+    }
+
+    /// Claims `paths` for an install: scans leave them alone until the guard drops.
+    pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> InstallGuard {
+        let mut guard = InstallGuard {
+            engine: self.clone(),
+            paths: Vec::new(),
+        };
+        guard.add(paths);
+        guard
     }
 
     fn marker_present(&self) -> bool {
@@ -314,29 +325,66 @@ impl Engine {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
             observed.extend(outcome.entries_logged(&self.name, &mut unstable));
         }
-        if !unstable.is_empty() {
-            self.recheck_later(unstable);
-        }
         let in_scope = |p: &str| {
             scopes
                 .as_ref()
                 .is_none_or(|list| list.iter().any(|s| within(p, s)))
         };
-        let installing = self
+        let installing: HashSet<String> = self
             .installing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .keys()
+            .cloned()
+            .collect();
         // An ignored path is left alone, never taken as deleted: ignoring something
         // stops syncing it, it does not delete it on peers. Unobserved paths are
         // checked both as file and as directory (`build/` only matches a dir).
+        // A file that changed while hashed was not observed this time, but is not
+        // deleted either: the recheck decides.
+        let unstable_set: HashSet<&str> = unstable.iter().map(String::as_str).collect();
         let skip = |p: &str| {
-            installing.contains(p) || ignore.is_ignored(p, false) || ignore.is_ignored(p, true)
+            installing.contains(p)
+                || unstable_set.contains(p)
+                || ignore.is_ignored(p, false)
+                || ignore.is_ignored(p, true)
         };
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
+        let mut changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
         drop(ignore);
+        if !unstable.is_empty() {
+            self.recheck_later(unstable);
+        }
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        // The entries were read before the walk: a path a peer's batch installed
+        // meanwhile has moved on in the index, and comparing the disk with the stale
+        // entry would invent a local edit concurrent with the peer's version. Such
+        // paths are left for a recheck against the fresh entry.
+        let mut raced = Vec::new();
+        changes.updates.retain(|u| {
+            let before = entries.get(&u.record.path).map(|e| e.record.seq);
+            let now = store
+                .get(&u.record.path)
+                .ok()
+                .map(|e| e.map(|e| e.record.seq));
+            let same = now == Some(before);
+            if !same {
+                raced.push(u.record.path.clone());
+            }
+            same
+        });
+        changes.refreshed.retain(|(path, _)| {
+            let before = entries.get(path).map(|e| e.record.seq);
+            store.get(path).ok().map(|e| e.map(|e| e.record.seq)) == Some(before)
+        });
+        if !raced.is_empty() {
+            tracing::debug!(
+                "{}: {} paths changed in the index during a scan; rechecking",
+                self.name,
+                raced.len()
+            );
+            self.recheck_later(raced);
+        }
         for (path, stat) in &changes.refreshed {
             store.refresh_stat(path, stat)?;
         }
@@ -375,5 +423,44 @@ impl Engine {
         self.emit(Event::new(&self.name, EventKind::LocalChanges).detail(summary));
         self.seq.send_replace(max);
         Ok(n)
+    }
+}
+
+/// Paths claimed by one batch being installed; released when dropped (also on an
+/// early error return, so a failed batch never leaves paths unscanned forever).
+pub(crate) struct InstallGuard {
+    engine: Arc<Engine>,
+    paths: Vec<String>,
+}
+
+impl InstallGuard {
+    pub(crate) fn add(&mut self, paths: Vec<String>) {
+        let mut map = self
+            .engine
+            .installing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for p in &paths {
+            *map.entry(p.clone()).or_default() += 1;
+        }
+        self.paths.extend(paths);
+    }
+}
+
+impl Drop for InstallGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .engine
+            .installing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for p in &self.paths {
+            if let Some(n) = map.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(p);
+                }
+            }
+        }
     }
 }
