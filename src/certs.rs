@@ -145,7 +145,7 @@ impl Ca {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Client | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
@@ -198,18 +198,21 @@ pub struct CertRequest {
     pub out: PathBuf,
     pub nodes: Vec<String>,
     pub clients: Vec<String>,
+    /// Client certificates that may also break other users' locks.
+    pub admins: Vec<String>,
     pub extra_sans: Vec<String>,
     /// Replace existing certificates of the named nodes and clients (never the CA).
     pub force: bool,
 }
 
 impl CertRequest {
-    /// Nodes `a` and `b` and client `cli` in `out`.
+    /// Nodes `a` and `b`, client `cli` and admin `admin` in `out`.
     pub fn defaults(out: impl Into<PathBuf>) -> Self {
         CertRequest {
             out: out.into(),
             nodes: vec!["a".into(), "b".into()],
             clients: vec!["cli".into()],
+            admins: vec!["admin".into()],
             extra_sans: Vec::new(),
             force: false,
         }
@@ -232,6 +235,7 @@ pub fn generate(req: &CertRequest) -> Result<CertReport, CertError> {
         .iter()
         .map(|n| (n, Role::Node))
         .chain(req.clients.iter().map(|n| (n, Role::Client)))
+        .chain(req.admins.iter().map(|n| (n, Role::Admin)))
         .collect();
     for (name, _) in &names {
         check_name(name)?;

@@ -8,7 +8,7 @@ use crate::events::{Event, NodeStatus};
 use crate::listing::Listing;
 use crate::tls::{self, Credentials, TlsError};
 use crate::wire::io::{read_message, write_message, StreamError};
-use crate::wire::Message;
+use crate::wire::{LockInfo, Message};
 
 /// What a client call can run into; every message says what the user can do.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +153,7 @@ impl Client {
             loop {
                 match self.next(&mut recv).await? {
                     Message::MergedEntries(chunk) => listing.entries.extend(chunk),
+                    Message::Locks(locks) => listing.locks.extend(locks),
                     Message::ListEnd { nodes, warnings } => {
                         listing.nodes = nodes;
                         listing.warnings = warnings;
@@ -182,21 +183,77 @@ impl Client {
         }
     }
 
-    /// The node's status.
-    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+    /// Sends `msg` and returns the one answer, refusals turned into errors.
+    async fn ask(&self, msg: &Message, timeout: Duration) -> Result<Message, ClientError> {
         let work = async {
-            let (_send, mut recv) = self.request(&Message::StatusRequest).await?;
+            let (_send, mut recv) = self.request(msg).await?;
             match self.next(&mut recv).await? {
-                Message::Status(s) => Ok(s),
-                other => Err(self.unexpected(other)),
+                Message::Refused { reason } => Err(ClientError::Refused {
+                    server: self.server.clone(),
+                    reason,
+                }),
+                answer => Ok(answer),
             }
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
                 server: self.server.clone(),
-                timeout: self.timeout,
+                timeout,
             }),
+        }
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        match self.ask(&Message::StatusRequest, self.timeout).await? {
+            Message::Status(s) => Ok(s),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Locks `path` on the node for this client, for `ttl` if given (renews the
+    /// TTL if this client already holds it).
+    pub async fn lock(&self, path: &str, ttl: Option<Duration>) -> Result<LockInfo, ClientError> {
+        let msg = Message::LockRequest {
+            path: path.to_string(),
+            ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+        };
+        // The node waits (up to 30 s) for an update of the path in progress.
+        match self
+            .ask(&msg, self.timeout.max(Duration::from_secs(40)))
+            .await?
+        {
+            Message::Locks(mut locks) if locks.len() == 1 => Ok(locks.remove(0)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Releases this client's lock on `path` (anyone's with `force`, for an admin
+    /// certificate); returns once the queued updates are applied, with (queued,
+    /// applied).
+    pub async fn unlock(&self, path: &str, force: bool) -> Result<(u32, u32), ClientError> {
+        let msg = Message::UnlockRequest {
+            path: path.to_string(),
+            force,
+        };
+        // Applying a long queue of large files takes a while.
+        match self
+            .ask(&msg, self.timeout.max(Duration::from_secs(600)))
+            .await?
+        {
+            Message::Unlocked {
+                queued, applied, ..
+            } => Ok((queued, applied)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Every lock on the node.
+    pub async fn locks(&self) -> Result<Vec<LockInfo>, ClientError> {
+        match self.ask(&Message::LocksRequest, self.timeout).await? {
+            Message::Locks(locks) => Ok(locks),
+            other => Err(self.unexpected(other)),
         }
     }
 

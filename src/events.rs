@@ -30,6 +30,12 @@ pub enum EventKind {
     Failed,
     /// A remote version of a locked file was staged instead of applied.
     Staged,
+    /// A client locked a path (`peer` is the client's name).
+    Locked,
+    /// A lock was released (by its owner, an admin, or its TTL).
+    Unlocked,
+    /// A staged version was applied after an unlock (in queue order).
+    StagedApplied,
 }
 
 /// One thing a node did.
@@ -112,6 +118,11 @@ impl Event {
                 format!("{node}: failed {path} from {peer}: {detail} (will retry)")
             }
             EventKind::Staged => format!("{node}: staged {path} from {peer} ({detail})"),
+            EventKind::Locked => format!("{node}: locked {path} for {peer} ({detail})"),
+            EventKind::Unlocked => format!("{node}: unlocked {path} ({detail})"),
+            EventKind::StagedApplied => {
+                format!("{node}: applied staged {path} from {peer} ({detail})")
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::wire::{Copy, FileEntry, MergedEntry, Timestamp};
+use crate::wire::{Copy, FileEntry, LockInfo, MergedEntry, Timestamp};
 
 /// Merges each node's own entries into one list sorted by path; within an entry,
 /// copies are sorted by node name.
@@ -57,6 +57,8 @@ pub struct Listing {
     pub nodes: Vec<String>,
     /// Peers that could not be asked (down, or no answer in time).
     pub warnings: Vec<String>,
+    /// The answering node's locks.
+    pub locks: Vec<LockInfo>,
 }
 
 /// One file in `dirsync-cli ls --json`. This schema is a public interface:
@@ -70,7 +72,10 @@ pub struct JsonEntry<'a> {
     pub blake3: String,
     pub copies: BTreeMap<&'a str, JsonCopy>,
     pub in_sync: bool,
+    /// Locked on the node that answered the listing.
     pub locked: bool,
+    /// The client certificate name holding the lock (`null` if not locked).
+    pub lock_owner: Option<&'a str>,
 }
 
 /// One node's copy in [`JsonEntry::copies`].
@@ -105,6 +110,25 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 impl Listing {
+    /// The answering node's lock on `path`, if any.
+    pub fn lock_of(&self, path: &str) -> Option<&LockInfo> {
+        self.locks.iter().find(|l| l.path == path)
+    }
+
+    /// The path shown at 1-based `index` by `ls`, or a clear error.
+    pub fn path_at(&self, index: usize) -> Result<&str, String> {
+        match index.checked_sub(1).and_then(|i| self.entries.get(i)) {
+            Some(e) => Ok(&e.path),
+            None if self.entries.is_empty() => Err(format!(
+                "index {index} is out of range: the listing is empty"
+            )),
+            None => Err(format!(
+                "index {index} is out of range: `dirsync-cli ls` shows 1 to {}",
+                self.entries.len()
+            )),
+        }
+    }
+
     /// The `--json` document: an array of [`JsonEntry`], indexes 1-based.
     pub fn to_json(&self) -> String {
         let entries: Vec<JsonEntry<'_>> = self
@@ -134,7 +158,8 @@ impl Listing {
                         })
                         .collect(),
                     in_sync: e.in_sync(),
-                    locked: false,
+                    locked: self.lock_of(&e.path).is_some(),
+                    lock_owner: self.lock_of(&e.path).map(|l| l.owner.as_str()),
                 })
             })
             .collect();
@@ -168,6 +193,9 @@ impl Listing {
                 };
                 if !e.in_sync() {
                     place.push_str("  (differs)");
+                }
+                if let Some(l) = self.lock_of(&e.path) {
+                    let _ = write!(place, "  [locked by {}]", l.owner);
                 }
                 Some([
                     (i + 1).to_string(),
@@ -252,8 +280,22 @@ mod tests {
             entries: merged,
             nodes: vec!["a".into(), "b".into()],
             warnings: vec![],
+            locks: vec![LockInfo {
+                path: "both".into(),
+                owner: "alice".into(),
+                since: Timestamp { secs: 1, nanos: 0 },
+                expires: None,
+                queued: 2,
+                releasing: false,
+            }],
         };
         let json: serde_json::Value = serde_json::from_str(&listing.to_json()).unwrap();
+        assert_eq!(json[1]["locked"], true);
+        assert_eq!(json[1]["lock_owner"], "alice");
+        assert_eq!(json[2]["lock_owner"], serde_json::Value::Null);
+        assert_eq!(listing.path_at(2), Ok("both"));
+        assert!(listing.path_at(0).is_err());
+        assert!(listing.path_at(5).unwrap_err().contains("1 to 4"));
         assert_eq!(json[2]["index"], 3);
         assert_eq!(json[2]["size"], 3);
         assert_eq!(json[2]["in_sync"], false);
@@ -266,6 +308,12 @@ mod tests {
         assert_eq!(json[2]["modified"], "1970-01-01T00:00:20.000000005Z");
         let table = listing.to_table();
         assert!(table.contains("only-b"), "{table}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains("both") && l.ends_with("[locked by alice]")),
+            "{table}"
+        );
         assert!(
             table
                 .lines()

@@ -23,8 +23,12 @@ use crate::wire::ALPN;
 pub enum Role {
     /// A `dirsync-node`: may exchange indexes and files, and list.
     Node,
-    /// A `dirsync-cli` user: may list (and, later, manage locks); never acts as a node.
+    /// A `dirsync-cli` user: may list, watch, and lock and unlock files (its own
+    /// locks); never acts as a node.
     Client,
+    /// A `dirsync-cli` user who may also break other users' locks
+    /// (`unlock --force`).
+    Admin,
 }
 
 impl Role {
@@ -32,6 +36,7 @@ impl Role {
         match self {
             Role::Node => "node",
             Role::Client => "client",
+            Role::Admin => "admin",
         }
     }
 }
@@ -48,6 +53,7 @@ impl FromStr for Role {
         match s {
             "node" => Ok(Role::Node),
             "client" => Ok(Role::Client),
+            "admin" => Ok(Role::Admin),
             other => Err(TlsError::Identity(format!("unknown role {other:?}"))),
         }
     }

@@ -406,3 +406,94 @@ fn status_and_watch_show_what_a_node_does() {
     let human = text(&cli(&["--server", &addr, "--certs", certs_s, "status"]).stdout);
     assert!(human.contains("peer b: connected since"), "{human}");
 }
+
+/// `dirsync-node` arguments for node `name` syncing `dir`, on an ephemeral port.
+fn node_args(dir: &std::path::Path, certs: &str, name: &str) -> Vec<String> {
+    [
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--certs",
+        certs,
+        "--name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn lock_by_index_and_by_path_from_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let certs_s = certs.to_str().unwrap();
+    assert!(cli(&["certs", "--out", certs_s]).status.success());
+    let da = tmp.path().join("a");
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::write(da.join("alpha.txt"), b"a").unwrap();
+    std::fs::write(da.join("beta.txt"), b"b").unwrap();
+    let args = node_args(&da, certs_s, "a");
+    let a = NodeProc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let addr = a.addr();
+    let run = |extra: &[&str]| {
+        let mut all = vec!["--server", addr.as_str(), "--certs", certs_s];
+        all.extend_from_slice(extra);
+        cli(&all)
+    };
+
+    // By index, as `ls` numbers them (sorted by path: 1 alpha, 2 beta).
+    let out = run(&["lock", "-i", "2", "--ttl", "1h"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.starts_with("locked beta.txt for cli until "), "{said}");
+    // By path.
+    let out = run(&["lock", "alpha.txt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "locked alpha.txt for cli");
+
+    let ls: serde_json::Value = serde_json::from_slice(&run(&["ls", "--json"]).stdout).unwrap();
+    assert_eq!(ls[1]["path"], "beta.txt");
+    assert_eq!(ls[1]["locked"], true);
+    assert_eq!(ls[1]["lock_owner"], "cli");
+    let table = text(&run(&["ls"]).stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("beta.txt") && l.ends_with("[locked by cli]")),
+        "{table}"
+    );
+    let locks: serde_json::Value =
+        serde_json::from_slice(&run(&["locks", "--json"]).stdout).unwrap();
+    assert_eq!(locks.as_array().unwrap().len(), 2);
+    assert_eq!(locks[1]["path"], "beta.txt");
+    assert_eq!(locks[1]["owner"], "cli");
+    assert_eq!(locks[1]["queued"], 0);
+    assert!(locks[1]["ttl_left_secs"].as_i64().unwrap() > 3500);
+    assert_eq!(locks[0]["ttl_left_secs"], serde_json::Value::Null);
+    let human = text(&run(&["locks"]).stdout);
+    assert!(human.contains("alpha.txt\tcli\t"), "{human}");
+
+    // Someone else cannot take or release it; the errors say who holds it.
+    assert_one_clear_line(
+        &run(&["--name", "admin", "lock", "beta.txt"]),
+        "beta.txt is locked by cli since",
+    );
+    assert_one_clear_line(&run(&["lock", "-i", "9"]), "index 9 is out of range");
+    assert_one_clear_line(
+        &run(&["lock", "gone.txt"]),
+        "gone.txt does not exist on node a",
+    );
+    assert_one_clear_line(&run(&["unlock", "gone.txt"]), "gone.txt is not locked");
+
+    let out = run(&["unlock", "--index", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "unlocked beta.txt; applied 0 of 0 queued updates"
+    );
+    let out = run(&["--name", "admin", "unlock", "--force", "alpha.txt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&run(&["locks"]).stdout).trim(), "no locks");
+    drop(a);
+}

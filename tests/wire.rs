@@ -3,7 +3,7 @@
 
 use dirsync::hash::ContentHash;
 use dirsync::wire::{
-    decode_frame, encode_frame, Copy, Decoded, FileEntry, MergedEntry, Message, Timestamp,
+    decode_frame, encode_frame, Copy, Decoded, FileEntry, LockInfo, MergedEntry, Message, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -46,6 +46,40 @@ fn golden_bytes() {
                 warnings: vec![],
             },
             "00000005 06 01 0161 00".to_string(),
+        ),
+        (
+            Message::LockRequest {
+                path: "x".into(),
+                ttl_secs: Some(60),
+            },
+            "00000005 0f 0178 01 3c".to_string(),
+        ),
+        (
+            Message::UnlockRequest {
+                path: "x".into(),
+                force: true,
+            },
+            "00000004 10 0178 01".to_string(),
+        ),
+        (Message::LocksRequest, "00000001 11".to_string()),
+        (
+            Message::Locks(vec![LockInfo {
+                path: "x".into(),
+                owner: "a".into(),
+                since: Timestamp { secs: 1, nanos: 2 },
+                expires: None,
+                queued: 3,
+                releasing: false,
+            }]),
+            "0000000b 12 01 0178 0161 02 02 00 03 00".to_string(),
+        ),
+        (
+            Message::Unlocked {
+                path: "x".into(),
+                queued: 3,
+                applied: 2,
+            },
+            "00000005 13 0178 03 02".to_string(),
         ),
     ];
     for (msg, want) in cases {
@@ -110,6 +144,40 @@ fn arb_message() -> impl Strategy<Value = Message> {
             proptest::collection::vec(arb_string(), 0..4)
         )
             .prop_map(|(nodes, warnings)| Message::ListEnd { nodes, warnings }),
+        (arb_string(), proptest::option::of(any::<u64>()))
+            .prop_map(|(path, ttl_secs)| Message::LockRequest { path, ttl_secs }),
+        (arb_string(), any::<bool>())
+            .prop_map(|(path, force)| Message::UnlockRequest { path, force }),
+        Just(Message::LocksRequest),
+        proptest::collection::vec(
+            (
+                arb_string(),
+                arb_string(),
+                arb_ts(),
+                proptest::option::of(arb_ts()),
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(|(path, owner, since, expires, queued, releasing)| {
+                    LockInfo {
+                        path,
+                        owner,
+                        since,
+                        expires,
+                        queued,
+                        releasing,
+                    }
+                }),
+            0..5
+        )
+        .prop_map(Message::Locks),
+        (arb_string(), any::<u32>(), any::<u32>()).prop_map(|(path, queued, applied)| {
+            Message::Unlocked {
+                path,
+                queued,
+                applied,
+            }
+        }),
     ]
 }
 

@@ -59,6 +59,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lock a file on the node: peers' versions of it are staged and queued there
+    /// instead of overwriting it, until `unlock` (or the TTL) applies them in order.
+    Lock {
+        #[command(flatten)]
+        target: Target,
+        /// Release the lock by itself after this long (e.g. 30m, 2h).
+        #[arg(long, value_parser = dirsync::duration::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Release your lock on a file and apply the updates queued meanwhile, in order.
+    Unlock {
+        #[command(flatten)]
+        target: Target,
+        /// Release another user's lock (needs an admin certificate).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The node's locks: path, owner, since, TTL left, queued updates.
+    Locks {
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a private CA and node/client certificates.
     Certs {
         /// Output directory.
@@ -70,6 +92,10 @@ enum Command {
         /// A client certificate to make; repeatable (default: cli).
         #[arg(long = "client")]
         clients: Vec<String>,
+        /// An admin client certificate (may `unlock --force` other users' locks);
+        /// repeatable (default: admin).
+        #[arg(long = "admin")]
+        admins: Vec<String>,
         /// An extra host name or IP for the certificates; repeatable.
         #[arg(long = "san")]
         sans: Vec<String>,
@@ -86,6 +112,34 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+}
+
+/// A file, by path or by the index `ls` shows.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The file's path relative to the synced folder, as `ls` shows it.
+    path: Option<String>,
+    /// The file's index in `dirsync-cli ls`.
+    #[arg(short = 'i', long = "index")]
+    index: Option<usize>,
+}
+
+impl Target {
+    /// The path to act on: given, or looked up in a fresh listing.
+    async fn resolve(&self, client: &Client) -> anyhow::Result<String> {
+        match (&self.path, self.index) {
+            (Some(p), _) => Ok(p.trim_start_matches("./").to_string()),
+            (None, Some(i)) => {
+                let listing = client.list().await?;
+                Ok(listing
+                    .path_at(i)
+                    .map_err(|e| anyhow::anyhow!(e))?
+                    .to_string())
+            }
+            (None, None) => bail!("give a PATH or --index N"),
+        }
+    }
 }
 
 #[tokio::main]
@@ -145,13 +199,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             nodes,
             clients,
+            admins,
             sans,
             force,
         } => {
             let mut req = CertRequest::defaults(out);
-            if !nodes.is_empty() || !clients.is_empty() {
+            if !nodes.is_empty() || !clients.is_empty() || !admins.is_empty() {
                 req.nodes = nodes;
                 req.clients = clients;
+                req.admins = admins;
             }
             req.extra_sans = sans;
             req.force = force;
@@ -168,7 +224,89 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, keep_running } => demo(dir, keep_running).await,
+        Command::Lock { target, ttl } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            let path = target.resolve(&client).await?;
+            let lock = client.lock(&path, ttl).await;
+            client.close().await;
+            let lock = lock?;
+            let until = match lock.expires {
+                Some(t) => format!(" until {}", local_time(t)),
+                None => String::new(),
+            };
+            println!("locked {} for {}{until}", lock.path, lock.owner);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unlock { target, force } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            let path = target.resolve(&client).await?;
+            let done = client.unlock(&path, force).await;
+            client.close().await;
+            let (queued, applied) = done?;
+            println!("unlocked {path}; applied {applied} of {queued} queued updates");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Locks { json } => {
+            let client = Client::connect(&cli.server, &cli.certs, &cli.name).await?;
+            let locks = client.locks().await;
+            client.close().await;
+            print_locks(&locks?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn local_time(t: dirsync::wire::Timestamp) -> String {
+    t.to_datetime()
+        .map(|d| {
+            d.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn print_locks(locks: &[dirsync::wire::LockInfo], json: bool) -> anyhow::Result<()> {
+    let now = chrono::Utc::now().timestamp();
+    let ttl_left = |l: &dirsync::wire::LockInfo| l.expires.map(|t| (t.secs - now).max(0));
+    if json {
+        let out: Vec<serde_json::Value> = locks
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "path": l.path,
+                    "owner": l.owner,
+                    "since": dirsync::listing::rfc3339(l.since),
+                    "expires": l.expires.map(dirsync::listing::rfc3339),
+                    "ttl_left_secs": ttl_left(l),
+                    "queued": l.queued,
+                    "releasing": l.releasing,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if locks.is_empty() {
+        println!("no locks");
+        return Ok(());
+    }
+    println!("PATH\tOWNER\tSINCE\tTTL LEFT\tQUEUED");
+    for l in locks {
+        let ttl = match ttl_left(l) {
+            Some(s) => dirsync::duration::human(std::time::Duration::from_secs(s as u64)),
+            None => "none".into(),
+        };
+        let state = if l.releasing { " (releasing)" } else { "" };
+        println!(
+            "{}\t{}\t{}\t{ttl}\t{}{state}",
+            l.path,
+            l.owner,
+            local_time(l.since),
+            l.queued
+        );
+    }
+    Ok(())
 }
 
 fn print_status(s: &dirsync::events::NodeStatus) {

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use super::{transfer, Engine, EngineError};
 use crate::events::{Event, EventKind};
 use crate::hash::ContentHash;
+use crate::index::queue::NewQueued;
 use crate::index::store::IndexId;
 use crate::index::{Entry, StatKey, Store, Update, TEMP_PREFIX};
 use crate::path::RelPath;
@@ -29,7 +30,7 @@ use crate::wire::Timestamp;
 const PARALLEL_FETCHES: usize = 32;
 
 /// The index, as the pure planner sees it.
-struct View<'a>(&'a Store);
+pub(super) struct View<'a>(pub(super) &'a Store);
 
 impl LocalIndex for View<'_> {
     fn get(&self, path: &str) -> Option<Record> {
@@ -46,6 +47,15 @@ impl LocalIndex for View<'_> {
     }
 }
 
+/// Where file contents come from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// Fetched from the peer on this connection, one stream per file.
+    Peer(Connection),
+    /// A staged file (in the state dir) holding the version being applied.
+    Staged(PathBuf),
+}
+
 /// What applying a batch achieved.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -58,11 +68,13 @@ pub struct Applied {
 /// The result of one step: index updates, an event, directories to fsync, and
 /// paths the scanner should look at again.
 #[derive(Default)]
-struct Done {
-    updates: Vec<Update>,
-    event: Option<Event>,
-    dirs: Vec<PathBuf>,
-    rescan: Vec<String>,
+pub(super) struct Done {
+    pub(super) updates: Vec<Update>,
+    pub(super) event: Option<Event>,
+    pub(super) dirs: Vec<PathBuf>,
+    pub(super) rescan: Vec<String>,
+    /// Versions of locked paths, staged, to append to their queues.
+    pub(super) enqueue: Vec<NewQueued>,
 }
 
 /// Plans and applies `records` from `peer`, then commits the results together with
@@ -83,8 +95,9 @@ pub async fn apply_batch(
                 || crate::path::RelPath::parse(&r.path).is_err()
         })
         .collect();
-    // Claimed before planning, so no scan versions these paths behind the plan.
-    let mut claim = engine.claim(records.iter().map(|r| r.path.clone()).collect());
+    // Claimed before planning, so no scan versions these paths behind the plan, and
+    // no lock is taken or released on them until this batch is committed.
+    let (mut claim, _) = engine.claim(records.iter().map(|r| r.path.clone()).collect());
     let by_path: HashMap<String, Record> = records
         .iter()
         .map(|r| (r.path.clone(), r.clone()))
@@ -114,7 +127,8 @@ pub async fn apply_batch(
                 .detail(why.to_string()),
         );
     }
-    claim.add(plan.steps.iter().flat_map(step_paths).collect());
+    let locked = engine.claim_more(&mut claim, plan.steps.iter().flat_map(step_paths).collect());
+    let steps = divert(plan.steps, &locked);
 
     let mut applied = Applied::default();
     let mut done: Vec<Done> = Vec::new();
@@ -122,28 +136,43 @@ pub async fn apply_batch(
     // then file contents in parallel; then deletions (children first). A link is
     // therefore in place before any file below its name is considered, and refused.
     let (mut first, mut files, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
-    for step in plan.steps {
+    for step in steps {
         match step {
-            Step::MakeDir { .. } | Step::MakeSymlink { .. } | Step::Adopt { .. } => {
-                first.push(step)
-            }
-            // A directory that wins over a file must exist before its children.
-            Step::Conflict { ref remote, .. } if remote.kind == Kind::Dir && !remote.deleted => {
-                first.push(step)
-            }
-            Step::Delete { .. } => deletes.push(step),
-            _ => files.push(step),
+            Work::Stage(_) => files.push(step),
+            Work::Apply(step) => match step {
+                Step::MakeDir { .. } | Step::MakeSymlink { .. } | Step::Adopt { .. } => {
+                    first.push(Work::Apply(step))
+                }
+                // A directory that wins over a file must exist before its children.
+                Step::Conflict { ref remote, .. }
+                    if remote.kind == Kind::Dir && !remote.deleted =>
+                {
+                    first.push(Work::Apply(step))
+                }
+                Step::Delete { .. } => deletes.push(Work::Apply(step)),
+                _ => files.push(Work::Apply(step)),
+            },
         }
     }
-    run_in_order(engine, peer, conn, first, &by_path, &mut done, &mut applied).await;
+    let source = Source::Peer(conn.clone());
+    run_in_order(
+        engine,
+        peer,
+        &source,
+        first,
+        &by_path,
+        &mut done,
+        &mut applied,
+    )
+    .await;
     let mut parallel = JoinSet::new();
     let slots = Arc::new(Semaphore::new(PARALLEL_FETCHES));
     for step in files {
-        let remote_of = step_remote(&step).cloned();
-        let (engine, peer, conn, slots, by_path) = (
+        let remote_of = step.remote().cloned();
+        let (engine, peer, source, slots, by_path) = (
             engine.clone(),
             peer.to_string(),
-            conn.clone(),
+            source.clone(),
             slots.clone(),
             by_path.clone(),
         );
@@ -152,7 +181,7 @@ pub async fn apply_batch(
             let permit = slots.acquire_owned().await;
             engine.transfers.queued.fetch_sub(1, Ordering::Relaxed);
             engine.transfers.in_flight.fetch_add(1, Ordering::Relaxed);
-            let r = run_step(engine.clone(), peer.clone(), conn, step, &by_path).await;
+            let r = run_work(engine.clone(), peer.clone(), source, step, &by_path).await;
             engine.transfers.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             (engine, peer, remote_of, r)
@@ -162,7 +191,7 @@ pub async fn apply_batch(
     run_in_order(
         engine,
         peer,
-        conn,
+        &source,
         deletes,
         &by_path,
         &mut done,
@@ -173,22 +202,104 @@ pub async fn apply_batch(
     Ok(applied)
 }
 
+/// A planned step, or a version of a locked path to stage instead.
+enum Work {
+    Apply(Step),
+    Stage(Record),
+}
+
+impl Work {
+    fn remote(&self) -> Option<&Record> {
+        match self {
+            Work::Apply(step) => step_remote(step),
+            Work::Stage(r) => Some(r),
+        }
+    }
+}
+
+/// Steps touching a locked path are not applied: the remote version is staged.
+/// A rename away from a locked path becomes a copy (the locked file stays) plus a
+/// staged deletion; a rename onto one becomes a staged version plus the deletion of
+/// the source.
+fn divert(steps: Vec<Step>, locked: &std::collections::HashSet<String>) -> Vec<Work> {
+    if locked.is_empty() {
+        return steps.into_iter().map(Work::Apply).collect();
+    }
+    let mut out = Vec::new();
+    for step in steps {
+        match step {
+            Step::Adopt { .. } => out.push(Work::Apply(step)),
+            Step::Rename {
+                from,
+                remote,
+                from_tombstone,
+            } => match (locked.contains(&from), locked.contains(&remote.path)) {
+                (false, false) => out.push(Work::Apply(Step::Rename {
+                    from,
+                    remote,
+                    from_tombstone,
+                })),
+                (true, false) => {
+                    out.push(Work::Apply(Step::Fetch {
+                        remote,
+                        local_source: Some(from),
+                    }));
+                    out.push(Work::Stage(from_tombstone));
+                }
+                (false, true) => {
+                    out.push(Work::Stage(remote));
+                    out.push(Work::Apply(Step::Delete {
+                        remote: from_tombstone,
+                    }));
+                }
+                (true, true) => {
+                    out.push(Work::Stage(remote));
+                    out.push(Work::Stage(from_tombstone));
+                }
+            },
+            other => match step_remote(&other) {
+                Some(r) if locked.contains(&r.path) => out.push(Work::Stage(r.clone())),
+                _ => out.push(Work::Apply(other)),
+            },
+        }
+    }
+    out
+}
+
+async fn run_work(
+    engine: Arc<Engine>,
+    peer: String,
+    source: Source,
+    work: Work,
+    batch: &Batch,
+) -> Result<Done, String> {
+    match work {
+        Work::Apply(step) => run_step(engine, peer, source, step, batch).await,
+        Work::Stage(remote) => {
+            let Source::Peer(conn) = source else {
+                return Err("only a peer's versions are staged".into());
+            };
+            super::locks::stage(&engine, &peer, &conn, remote).await
+        }
+    }
+}
+
 /// Runs `steps` one after another (directories, links, merges; deletions).
 async fn run_in_order(
     engine: &Arc<Engine>,
     peer: &str,
-    conn: &Connection,
-    steps: Vec<Step>,
+    source: &Source,
+    steps: Vec<Work>,
     by_path: &Arc<Batch>,
     done: &mut Vec<Done>,
     applied: &mut Applied,
 ) {
     for step in steps {
-        let remote = step_remote(&step).cloned();
-        match run_step(
+        let remote = step.remote().cloned();
+        match run_work(
             engine.clone(),
             peer.to_string(),
-            conn.clone(),
+            source.clone(),
             step,
             by_path,
         )
@@ -247,6 +358,10 @@ async fn commit(
         .flat_map(|d| d.updates.iter().cloned())
         .collect();
     let rescan: Vec<String> = done.iter().flat_map(|d| d.rescan.iter().cloned()).collect();
+    let enqueue: Vec<NewQueued> = done
+        .iter()
+        .flat_map(|d| d.enqueue.iter().cloned())
+        .collect();
     let floor = applied.failed.iter().map(|r| r.seq.saturating_sub(1)).min();
     let progress = progress.map(|(id, seq)| (id, floor.map_or(seq, |f| f.min(seq))));
     let peer_name = peer.to_string();
@@ -257,14 +372,16 @@ async fn commit(
                     let _ = f.sync_all();
                 }
             }
-            if updates.is_empty() && progress.is_none() {
+            if updates.is_empty() && progress.is_none() && enqueue.is_empty() {
                 return Ok(s.max_seq());
             }
-            s.commit(
+            s.commit_with(
                 &updates,
                 progress
                     .as_ref()
                     .map(|(id, seq)| (peer_name.as_str(), *id, *seq)),
+                &enqueue,
+                &[],
             )
         })
         .await;
@@ -290,7 +407,7 @@ async fn commit(
 }
 
 /// Every path a step writes, so scans leave them alone until the commit.
-fn step_paths(step: &Step) -> Vec<String> {
+pub(super) fn step_paths(step: &Step) -> Vec<String> {
     match step {
         Step::Adopt { path, .. } => vec![path.clone()],
         Step::Fetch { remote, .. }
@@ -322,9 +439,9 @@ fn step_remote(step: &Step) -> Option<&Record> {
 
 /// A batch's records by path, and the sequence number each path had in the local
 /// index when the batch was planned.
-struct Batch {
-    records: HashMap<String, Record>,
-    planned: HashMap<String, Option<u64>>,
+pub(super) struct Batch {
+    pub(super) records: HashMap<String, Record>,
+    pub(super) planned: HashMap<String, Option<u64>>,
 }
 
 impl Batch {
@@ -350,10 +467,10 @@ async fn local_entry(engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, 
     }
 }
 
-async fn run_step(
+pub(super) async fn run_step(
     engine: Arc<Engine>,
     peer: String,
-    conn: Connection,
+    source: Source,
     step: Step,
     batch: &Batch,
 ) -> Result<Done, String> {
@@ -390,7 +507,7 @@ async fn run_step(
             let local = batch.entry(&engine, &remote.path).await?;
             let (stat, bytes, millis, dir) = install_file(
                 &engine,
-                &conn,
+                &source,
                 &remote,
                 local.as_ref(),
                 local_source.as_deref(),
@@ -412,6 +529,7 @@ async fn run_step(
                 event: Some(event),
                 dirs: vec![dir],
                 rescan: vec![],
+                enqueue: vec![],
             })
         }
         Step::MakeDir { remote } => {
@@ -425,6 +543,7 @@ async fn run_step(
                 event: Some(ev(EventKind::MadeDir, &remote.path)),
                 dirs: vec![dir],
                 rescan: vec![],
+                enqueue: vec![],
             })
         }
         Step::MakeSymlink { remote } => {
@@ -439,6 +558,7 @@ async fn run_step(
                 event: Some(ev(EventKind::MadeLink, &remote.path).detail(target)),
                 dirs: vec![dir],
                 rescan: vec![],
+                enqueue: vec![],
             })
         }
         Step::Delete { remote } => {
@@ -457,6 +577,7 @@ async fn run_step(
                 event: Some(ev(EventKind::Deleted, &remote.path)),
                 dirs: dir.into_iter().collect(),
                 rescan,
+                enqueue: vec![],
             })
         }
         Step::Rename {
@@ -488,13 +609,14 @@ async fn run_step(
                 event: Some(ev(EventKind::Renamed, &remote.path).detail(from)),
                 dirs,
                 rescan: vec![],
+                enqueue: vec![],
             })
         }
         Step::Conflict {
             local,
             remote,
             conflict_copy,
-        } => conflict(&engine, &peer, &conn, local, remote, conflict_copy).await,
+        } => conflict(&engine, &peer, &source, local, remote, conflict_copy).await,
     }
 }
 
@@ -526,7 +648,7 @@ async fn only_indexed_children(engine: &Arc<Engine>, path: &str) -> bool {
 async fn conflict(
     engine: &Arc<Engine>,
     peer: &str,
-    conn: &Connection,
+    source: &Source,
     local: Record,
     remote: Record,
     copy: String,
@@ -577,7 +699,7 @@ async fn conflict(
     let installed = match winner.kind {
         _ if winner.deleted => Ok(None),
         Kind::File => {
-            install_file(engine, conn, &winner, None, None)
+            install_file(engine, source, &winner, None, None)
                 .await
                 .map(|(stat, _, _, dir)| {
                     dirs.push(dir);
@@ -619,6 +741,7 @@ async fn conflict(
         event: Some(event),
         dirs,
         rescan: vec![],
+        enqueue: vec![],
     })
 }
 
@@ -641,7 +764,7 @@ fn rel_abs(root: &Path, path: &str) -> Result<PathBuf, String> {
         .map_err(|e| e.to_string())
 }
 
-fn parent_of(p: &Path) -> PathBuf {
+pub(super) fn parent_of(p: &Path) -> PathBuf {
     p.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
@@ -733,7 +856,7 @@ fn temp_name(abs: &Path) -> PathBuf {
     parent_of(abs).join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
 }
 
-fn system_time(t: Timestamp) -> SystemTime {
+pub(super) fn system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos.min(999_999_999))
     } else {
@@ -748,10 +871,10 @@ fn system_time(t: Timestamp) -> SystemTime {
 /// ms and its directory.
 async fn install_file(
     engine: &Arc<Engine>,
-    conn: &Connection,
+    source: &Source,
     remote: &Record,
     local: Option<&Entry>,
-    source: Option<&str>,
+    local_source: Option<&str>,
 ) -> Result<(StatKey, u64, u64, PathBuf), String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     ensure_parents(&engine.root, &rel)?;
@@ -764,9 +887,13 @@ async fn install_file(
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let written = match source {
-        Some(src) => {
-            let src = rel_abs(&engine.root, src)?;
+    let local_copy = match (local_source, source) {
+        (Some(src), _) => Some(rel_abs(&engine.root, src)?),
+        (None, Source::Staged(staged)) => Some(staged.clone()),
+        (None, Source::Peer(_)) => None,
+    };
+    let written = match (local_copy, source) {
+        (Some(src), _) => {
             let hash = remote.hash;
             let mut f = file.try_clone().map_err(|e| e.to_string())?;
             tokio::task::spawn_blocking(move || transfer::copy_local(&src, hash, &mut f))
@@ -774,9 +901,12 @@ async fn install_file(
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())
         }
-        None => transfer::fetch(conn, &remote.path, remote.hash, remote.size, &mut file)
-            .await
-            .map_err(|e| e.to_string()),
+        (None, Source::Peer(conn)) => {
+            transfer::fetch(conn, &remote.path, remote.hash, remote.size, &mut file)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        (None, Source::Staged(_)) => Err("no staged file".to_string()),
     };
     let (mode, modified) = (remote.mode & 0o777, system_time(remote.modified));
     let finish = move |file: File| -> Result<(), String> {
@@ -793,8 +923,8 @@ async fn install_file(
         Err(e) => Err(e),
     };
     let bytes = match result.and_then(|n| {
-        check_unchanged(&abs, local)
-            .or_else(|e| clear_for_kind_change(&abs, local, Kind::File).map_err(|_| e))?;
+        check_unchanged(&abs, local)?;
+        clear_for_kind_change(&abs, local, Kind::File)?;
         fs::rename(&tmp, &abs).map_err(|e| format!("installing {}: {e}", remote.path))?;
         Ok(n)
     }) {
@@ -827,8 +957,8 @@ fn make_dir(
     match abs.symlink_metadata() {
         Ok(m) if m.is_dir() => {}
         _ => {
-            check_unchanged(&abs, local)
-                .or_else(|e| clear_for_kind_change(&abs, local, Kind::Dir).map_err(|_| e))?;
+            check_unchanged(&abs, local)?;
+            clear_for_kind_change(&abs, local, Kind::Dir)?;
             fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
         }
     }
@@ -852,8 +982,8 @@ fn make_symlink(
         .ok_or_else(|| format!("symlink {rel} without a target"))?;
     ensure_parents(root, &rel)?;
     let abs = rel.to_path(root);
-    check_unchanged(&abs, local)
-        .or_else(|e| clear_for_kind_change(&abs, local, Kind::Symlink).map_err(|_| e))?;
+    check_unchanged(&abs, local)?;
+    clear_for_kind_change(&abs, local, Kind::Symlink)?;
     let tmp = temp_name(&abs);
     // The link is created, never followed: its target may point anywhere.
     std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("symlink {rel}: {e}"))?;

@@ -8,10 +8,14 @@
 //!   the same content or over one QUIC stream each ([`transfer`]), are verified,
 //!   fsynced and renamed into place; the results are committed with the peer's
 //!   progress in one transaction.
+//! - Locks ([`locks`]): a remote version of a locked path is fetched and verified
+//!   as usual but staged in `STATE/staged/` and queued; an unlock applies the queue
+//!   in order through the same steps.
 //! - The folder marker (`DIR/.dirsync/folder-id`) guards against a vanished or
 //!   unmounted directory being read as "everything was deleted".
 
 pub mod apply;
+pub mod locks;
 pub mod session;
 pub mod transfer;
 
@@ -80,6 +84,13 @@ pub struct Engine {
     installing: Mutex<HashMap<String, usize>>,
     seq: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
+    /// Locked paths and when each expires (mirror of the store's locks table;
+    /// taken before `installing` when both are needed).
+    locks: Mutex<HashMap<String, Option<Timestamp>>>,
+    /// Where staged versions of locked paths wait, inside the state dir.
+    staging: PathBuf,
+    /// Held while a lock's queue is applied: one release at a time.
+    releases: tokio::sync::Mutex<()>,
     /// Transfers running and waiting, for status.
     pub(crate) transfers: transfer::Counters,
     /// A handle on ourselves for delayed work; never keeps the engine alive.
@@ -142,6 +153,8 @@ impl Engine {
         if removed > 0 {
             tracing::info!("removed {removed} temporary files left by an interrupted transfer");
         }
+        let staging = state_dir.join(locks::STAGING_DIR);
+        let locked = locks::open_staging(&store, &staging)?;
         let (seq, _) = watch::channel(store.max_seq());
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new_cyclic(|me| Engine {
@@ -154,6 +167,9 @@ impl Engine {
             installing: Mutex::default(),
             seq,
             events,
+            locks: Mutex::new(locked),
+            staging,
+            releases: tokio::sync::Mutex::new(()),
             transfers: transfer::Counters::default(),
             me: me.clone(),
         }))
@@ -195,14 +211,39 @@ impl Engine {
         .map_err(|e| EngineError::Join(e.to_string()))
     }
 
-    /// Claims `paths` for an install: scans leave them alone until the guard drops.
-    pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> InstallGuard {
+    /// Claims `paths` for an install: scans leave them alone, and locks are neither
+    /// taken nor released on them, until the guard drops. Returns the guard and
+    /// which of `paths` are locked.
+    pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> (InstallGuard, HashSet<String>) {
         let mut guard = InstallGuard {
             engine: self.clone(),
             paths: Vec::new(),
         };
+        let locked = self.claim_more(&mut guard, paths);
+        (guard, locked)
+    }
+
+    /// Adds `paths` to a claim; returns every locked path of the claim.
+    pub(crate) fn claim_more(
+        &self,
+        guard: &mut InstallGuard,
+        paths: Vec<String>,
+    ) -> HashSet<String> {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         guard.add(paths);
         guard
+            .paths
+            .iter()
+            .filter(|p| locks.contains_key(*p))
+            .cloned()
+            .collect()
+    }
+
+    fn is_claimed(&self, path: &str) -> bool {
+        self.installing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(path)
     }
 
     fn marker_present(&self) -> bool {
@@ -349,6 +390,18 @@ impl Engine {
                 || ignore.is_ignored(p, false)
                 || ignore.is_ignored(p, true)
         };
+        // A local change to a path that is being installed is not versioned now
+        // (the install would race it); look again once the install is over, so the
+        // change is never left unindexed until the next full rescan.
+        let deferred: Vec<String> = observed
+            .iter()
+            .filter(|o| installing.contains(&o.path))
+            .filter(|o| o.stat.is_none() || entries.get(&o.path).and_then(|e| e.stat) != o.stat)
+            .map(|o| o.path.clone())
+            .collect();
+        if !deferred.is_empty() {
+            self.recheck_later(deferred);
+        }
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
         let mut changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
         drop(ignore);

@@ -6,8 +6,11 @@
 //!   sequence numbers, stat proofs, and per-peer progress.
 //! - [`changes`] compares observations with the index and turns differences into
 //!   new local versions (and tombstones).
+//! - [`queue`] holds file locks and, per locked path, the FIFO queue of staged
+//!   remote versions (same database, same transactions).
 
 pub mod changes;
+pub mod queue;
 pub mod scan;
 pub mod store;
 

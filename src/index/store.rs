@@ -49,7 +49,7 @@ pub struct Update {
 }
 
 pub struct Store {
-    conn: Connection,
+    pub(super) conn: Connection,
     index_id: IndexId,
     max_seq: u64,
 }
@@ -78,6 +78,24 @@ CREATE TABLE IF NOT EXISTS peers (
     index_id BLOB NOT NULL,
     last_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS locks (
+    path TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    since_s INTEGER NOT NULL,
+    since_ns INTEGER NOT NULL,
+    expires_s INTEGER,
+    releasing INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    received_s INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    staged TEXT
+);
+CREATE INDEX IF NOT EXISTS queue_path ON queue(path, id);
 ";
 
 const COLUMNS: &str = "path, kind, size, mtime_s, mtime_ns, mode, hash, target, version, deleted, \
@@ -91,7 +109,7 @@ fn kind_code(k: Kind) -> i64 {
     }
 }
 
-fn corrupt(path: &str, reason: impl ToString) -> StoreError {
+pub(super) fn corrupt(path: &str, reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         path: path.to_string(),
         reason: reason.to_string(),
@@ -270,7 +288,21 @@ impl Store {
         updates: &[Update],
         peer_progress: Option<(&str, IndexId, u64)>,
     ) -> Result<u64, StoreError> {
+        self.commit_with(updates, peer_progress, &[], &[])
+    }
+
+    /// [`Store::commit`], plus staged versions of locked paths appended to their
+    /// queues and applied ones removed, all in the same transaction: a crash leaves
+    /// either all of it or none.
+    pub fn commit_with(
+        &mut self,
+        updates: &[Update],
+        peer_progress: Option<(&str, IndexId, u64)>,
+        enqueue: &[super::queue::NewQueued],
+        dequeue: &[i64],
+    ) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
+        super::queue::write_queue(&tx, enqueue, dequeue)?;
         let mut seq = self.max_seq;
         {
             let mut stmt = tx.prepare_cached(&format!(

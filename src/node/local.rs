@@ -8,30 +8,42 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::Shared;
-use crate::watch::{WatchConfig, Watcher};
+use tokio::sync::mpsc;
+
+use crate::watch::{Batch, WatchConfig, Watcher};
 
 /// A watcher batch naming more paths than this is handled as one full rescan.
 const FULL_SCAN_ABOVE: usize = 2000;
 /// Rescan period when the watcher is missing or degraded.
 const DEGRADED_RESCAN: Duration = Duration::from_secs(30);
 
-pub(crate) async fn watch_loop(shared: Arc<Shared>) {
-    let engine = shared.engine.clone();
-    let mut watcher = None;
-    let mut batches = None;
-    if shared.config.watch {
-        match Watcher::start(engine.root(), WatchConfig::default()) {
-            Ok((w, rx)) => {
-                watcher = Some(w);
-                batches = Some(rx);
-            }
-            Err(e) => warn!(
-                "{}: cannot watch {} ({e}); falling back to a rescan every {DEGRADED_RESCAN:?}",
-                engine.name(),
-                engine.root().display()
-            ),
+/// A started watcher and its batches, if watching is on and possible.
+pub(crate) type Watching = Option<(Watcher, mpsc::Receiver<Batch>)>;
+
+/// Starts watching `root` (before the start-up scan, so that nothing written
+/// between the scan and the first watch goes unnoticed).
+pub(crate) fn start_watching(name: &str, root: &std::path::Path, enabled: bool) -> Watching {
+    if !enabled {
+        return None;
+    }
+    match Watcher::start(root, WatchConfig::default()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "{name}: cannot watch {} ({e}); falling back to a rescan every {DEGRADED_RESCAN:?}",
+                root.display()
+            );
+            None
         }
     }
+}
+
+pub(crate) async fn watch_loop(shared: Arc<Shared>, watching: Watching) {
+    let engine = shared.engine.clone();
+    let (watcher, mut batches) = match watching {
+        Some((w, rx)) => (Some(w), Some(rx)),
+        None => (None, None),
+    };
     let degraded = watcher.as_ref().is_none_or(|w| w.degraded());
     let period = if degraded {
         shared.config.rescan_interval.min(DEGRADED_RESCAN)
@@ -69,6 +81,33 @@ pub(crate) async fn watch_loop(shared: Arc<Shared>) {
         );
         if let Err(e) = engine.scan(scopes).await {
             warn!("{}: scan failed: {e}", engine.name());
+        }
+    }
+}
+
+/// How often lock TTLs are checked (and interrupted releases retried).
+const LOCK_TICK: Duration = Duration::from_millis(250);
+
+/// Releases locks whose TTL passed, and finishes releases that a restart or an
+/// error interrupted (the first tick runs at start-up).
+pub(crate) async fn lock_loop(shared: Arc<Shared>) {
+    let engine = shared.engine.clone();
+    let mut tick = tokio::time::interval(LOCK_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shared.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match engine.release_due().await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!("{}: releasing locks: {e}", engine.name());
+                }
+            }
         }
     }
 }

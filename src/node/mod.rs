@@ -233,6 +233,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source,
     })?;
     let engine = Engine::open(&config.name, &config.dir, &config.state_dir)?;
+    let watching = local::start_watching(&config.name, &config.dir, config.watch);
     // What changed while the node was down is versioned before any peer is asked.
     let changed = engine.scan(None).await?;
     if changed > 0 {
@@ -257,7 +258,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let span = tracing::info_span!("node", name = %shared.name());
     let mut tasks = JoinSet::new();
     tasks.spawn(serve::accept_loop(shared.clone()).instrument(span.clone()));
-    tasks.spawn(local::watch_loop(shared.clone()).instrument(span.clone()));
+    tasks.spawn(local::watch_loop(shared.clone(), watching).instrument(span.clone()));
+    tasks.spawn(local::lock_loop(shared.clone()).instrument(span.clone()));
     for peer in shared.config.peers.clone() {
         tasks.spawn(peers::dial_loop(shared.clone(), peer).instrument(span.clone()));
     }

@@ -134,15 +134,23 @@ async fn handle_stream(
             serve_fetch(&shared.engine, path, hash, &mut send).await
         }
         Message::WatchRequest => answer_watch(&shared, &mut send).await,
+        request @ (Message::LockRequest { .. }
+        | Message::UnlockRequest { .. }
+        | Message::LocksRequest)
+            if id.role != Role::Node =>
+        {
+            answer_locks(&shared, &id, request, &mut send).await
+        }
         Message::StatusRequest => {
             let status = status(&shared).await;
             write_message(&mut send, &Message::Status(status)).await
         }
         other => {
             let reason = match id.role {
-                Role::Client => format!(
-                    "{} has a client certificate and may not send {}",
+                Role::Client | Role::Admin => format!(
+                    "{} has a {} certificate and may not send {}",
                     id.name,
+                    id.role,
                     other.kind()
                 ),
                 Role::Node => format!("unexpected request {}", other.kind()),
@@ -354,5 +362,69 @@ async fn answer_list(shared: &Shared, send: &mut SendStream) -> Result<(), Strea
     for chunk in chunk_by_size(merged, CHUNK_TARGET, |e| e.encoded_size_hint()) {
         write_message(send, &Message::MergedEntries(chunk)).await?;
     }
+    match shared.engine.locks().await {
+        Ok(locks) => {
+            for chunk in chunk_by_size(locks, CHUNK_TARGET, lock_size_hint) {
+                write_message(send, &Message::Locks(chunk)).await?;
+            }
+        }
+        Err(e) => warnings.push(format!("node {}: locks not listed: {e}", shared.name())),
+    }
     write_message(send, &Message::ListEnd { nodes, warnings }).await
+}
+
+fn lock_size_hint(l: &crate::wire::LockInfo) -> usize {
+    l.path.len() + l.owner.len() + 48
+}
+
+/// Lock, unlock and list locks for a client; the owner is the client's certificate
+/// name, and only an admin certificate may force.
+async fn answer_locks(
+    shared: &Shared,
+    id: &Identity,
+    request: Message,
+    send: &mut SendStream,
+) -> Result<(), StreamError> {
+    let engine = &shared.engine;
+    let refused = |e: crate::engine::locks::LockError| Message::Refused {
+        reason: e.to_string(),
+    };
+    let answer = match request {
+        Message::LockRequest { path, ttl_secs } => {
+            let ttl = ttl_secs.map(std::time::Duration::from_secs);
+            match engine.lock(&path, &id.name, ttl).await {
+                Ok(lock) => {
+                    info!("{}: {} locked {}", shared.name(), id.name, lock.path);
+                    Message::Locks(vec![lock])
+                }
+                Err(e) => refused(e),
+            }
+        }
+        Message::UnlockRequest { path, force } => {
+            let admin = id.role == Role::Admin;
+            match engine.unlock(&path, &id.name, force, admin).await {
+                Ok((queued, applied)) => {
+                    info!("{}: {} unlocked {path}", shared.name(), id.name);
+                    Message::Unlocked {
+                        path,
+                        queued,
+                        applied,
+                    }
+                }
+                Err(e) => refused(e),
+            }
+        }
+        _ => match engine.locks().await {
+            Ok(locks) => Message::Locks(locks),
+            Err(e) => refused(e),
+        },
+    };
+    if let Message::Refused { reason } = &answer {
+        info!(
+            "{}: lock request from {} refused: {reason}",
+            shared.name(),
+            id.name
+        );
+    }
+    write_message(send, &answer).await
 }

@@ -71,6 +71,21 @@ pub struct MergedEntry {
     pub copies: Vec<Copy>,
 }
 
+/// A lock on one path of a node, as `dirsync-cli locks` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub path: String,
+    /// The client certificate name that took the lock.
+    pub owner: String,
+    pub since: Timestamp,
+    /// When the lock expires by itself (its TTL), if it has one.
+    pub expires: Option<Timestamp>,
+    /// Remote versions staged for this path, waiting for the unlock.
+    pub queued: u32,
+    /// The lock is being released: its queue is being applied.
+    pub releasing: bool,
+}
+
 /// Everything that crosses a stream. See the module map in [`crate::wire`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -116,6 +131,25 @@ pub enum Message {
     StatusRequest,
     /// 14: answer to `StatusRequest`.
     Status(NodeStatus),
+    /// 15: client -> node: lock `path` for the caller, for `ttl_secs` if given.
+    /// Answered by `Locks` with the lock, or `Refused`.
+    LockRequest { path: String, ttl_secs: Option<u64> },
+    /// 16: client -> node: release the caller's lock on `path` (anyone's with
+    /// `force`, for an admin) and apply its queue. Answered by `Unlocked` or
+    /// `Refused`.
+    UnlockRequest { path: String, force: bool },
+    /// 17: client -> node: every lock. Answered by `Locks`.
+    LocksRequest,
+    /// 18: locks (answer to `LocksRequest` and `LockRequest`; also sent before
+    /// `ListEnd` in a listing).
+    Locks(Vec<LockInfo>),
+    /// 19: answer to `UnlockRequest`: the lock is gone and `applied` queued
+    /// versions were applied (of `queued`).
+    Unlocked {
+        path: String,
+        queued: u32,
+        applied: u32,
+    },
 }
 
 impl Message {
@@ -137,6 +171,11 @@ impl Message {
             Message::Event(_) => "Event",
             Message::StatusRequest => "StatusRequest",
             Message::Status(_) => "Status",
+            Message::LockRequest { .. } => "LockRequest",
+            Message::UnlockRequest { .. } => "UnlockRequest",
+            Message::LocksRequest => "LocksRequest",
+            Message::Locks(_) => "Locks",
+            Message::Unlocked { .. } => "Unlocked",
         }
     }
 }

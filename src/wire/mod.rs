@@ -21,8 +21,15 @@
 //! | stream opened by | request | answer |
 //! |---|---|---|
 //! | a node dialing a peer (first stream) | `Hello` | `Hello`, or `Refused` and the connection is closed |
-//! | a client | `ListRequest` | `MergedEntries`* then `ListEnd` |
+//! | a client | `ListRequest` | `MergedEntries`*, `Locks`, then `ListEnd` |
 //! | a node, to a connected peer | `PeerListRequest` | `LocalEntries`* then `ListEnd` |
+//! | a node, to a connected peer | `Subscribe` | `IndexBatch`* (live, until closed) |
+//! | a node, to a connected peer | `FetchRequest` | `FileHeader` then raw bytes |
+//! | a client | `WatchRequest` | `Event`* (live) |
+//! | a client | `StatusRequest` | `Status` |
+//! | a client | `LockRequest` | `Locks` (the new lock) |
+//! | a client | `UnlockRequest` | `Unlocked` (after the queue is applied) |
+//! | a client | `LocksRequest` | `Locks` |
 //!
 //! Any request may instead be answered by `Refused { reason }` (for example a client
 //! certificate asking for a node-only request).
@@ -36,7 +43,7 @@ pub mod io;
 pub mod messages;
 
 pub use codec::{decode_frame, encode_frame, Decoded, FrameError, MAX_FRAME};
-pub use messages::{Copy, FileEntry, MergedEntry, Message, Timestamp};
+pub use messages::{Copy, FileEntry, LockInfo, MergedEntry, Message, Timestamp};
 
 /// The protocol version spoken by this build. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -31,6 +31,7 @@ impl TestEnv {
         let certs = tmp.path().join("certs");
         let mut req = CertRequest::defaults(&certs);
         req.nodes.push("c".into());
+        req.clients.push("bob".into());
         certs::generate(&req).expect("certificates");
         TestEnv { tmp, certs }
     }
@@ -71,7 +72,12 @@ impl TestEnv {
     }
 
     pub async fn client(&self, node: &NodeHandle) -> Client {
-        Client::connect(&node.local_addr().to_string(), &self.certs, "cli")
+        self.client_as(node, "cli").await
+    }
+
+    /// A client with certificate `name` (`cli`, `bob`, or the admin `admin`).
+    pub async fn client_as(&self, node: &NodeHandle, name: &str) -> Client {
+        Client::connect(&node.local_addr().to_string(), &self.certs, name)
             .await
             .expect("client connects")
     }

@@ -1,0 +1,274 @@
+//! Locks with a staged FIFO queue, with real nodes: while a path is locked on a,
+//! b's versions of it are staged and queued on a, and applied in order on unlock.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use dirsync::events::EventKind;
+
+fn staged_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join(".dirsync").join("staged"))
+        .map(|r| r.count())
+        .unwrap_or(0)
+}
+
+/// Waits until a has staged `n` versions of `path` in total.
+async fn wait_staged(log: &EventLog, path: &str, n: usize) {
+    wait_until(
+        &format!("{n} staged versions of {path}"),
+        Duration::from_secs(20),
+        || {
+            log.all()
+                .iter()
+                .filter(|e| e.event == EventKind::Staged && e.path.as_deref() == Some(path))
+                .count()
+                >= n
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_staged_while_locked_are_applied_in_order_on_unlock() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&da, "doc.txt", b"original");
+    wait_content(&db, "doc.txt", b"original").await;
+
+    let cli = env.client(&a).await;
+    let lock = cli.lock("doc.txt", None).await.expect("lock");
+    assert_eq!(lock.owner, "cli");
+    let log = EventLog::of(&a);
+    let versions: [&[u8]; 3] = [b"one", b"two 2", b"three 333"];
+    for (i, v) in versions.iter().enumerate() {
+        write(&db, "doc.txt", v);
+        wait_staged(&log, "doc.txt", i + 1).await;
+    }
+    assert_eq!(std::fs::read(da.join("doc.txt")).unwrap(), b"original");
+    assert_eq!(std::fs::read(db.join("doc.txt")).unwrap(), b"three 333");
+    assert_eq!(staged_files(&da), 3);
+    let locks = cli.locks().await.unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!((locks[0].path.as_str(), locks[0].queued), ("doc.txt", 3));
+    let listing = cli.list().await.unwrap();
+    assert_eq!(
+        listing.lock_of("doc.txt").map(|l| l.owner.as_str()),
+        Some("cli")
+    );
+
+    let (queued, applied) = cli.unlock("doc.txt", false).await.expect("unlock");
+    assert_eq!((queued, applied), (3, 3));
+    let order: Vec<u64> = log
+        .all()
+        .iter()
+        .filter(|e| e.event == EventKind::StagedApplied)
+        .filter_map(|e| e.bytes)
+        .collect();
+    assert_eq!(order, vec![3, 5, 9], "applied in FIFO order");
+    assert_eq!(std::fs::read(da.join("doc.txt")).unwrap(), b"three 333");
+    assert_eq!(
+        staged_files(&da),
+        0,
+        "staged files are removed once applied"
+    );
+    assert!(cli.locks().await.unwrap().is_empty());
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_while_locked_waits_for_the_unlock() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&da, "keep/me.txt", b"still here");
+    wait_content(&db, "keep/me.txt", b"still here").await;
+    let cli = env.client(&a).await;
+    cli.lock("keep/me.txt", None).await.expect("lock");
+    let log = EventLog::of(&a);
+    std::fs::remove_file(db.join("keep/me.txt")).unwrap();
+    wait_staged(&log, "keep/me.txt", 1).await;
+    assert_eq!(
+        std::fs::read(da.join("keep/me.txt")).unwrap(),
+        b"still here"
+    );
+    assert_eq!(cli.unlock("keep/me.txt", false).await.unwrap(), (1, 1));
+    wait_gone(&da, "keep/me.txt").await;
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_on_both_sides_while_locked_lose_nothing() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&da, "notes.txt", b"base");
+    wait_content(&db, "notes.txt", b"base").await;
+    let cli = env.client(&a).await;
+    cli.lock("notes.txt", None).await.expect("lock");
+    let log = EventLog::of(&a);
+    write(&db, "notes.txt", b"b's edit");
+    wait_staged(&log, "notes.txt", 1).await;
+    // The lock holder edits too: that edit syncs out as usual.
+    write(&da, "notes.txt", b"a's edit, made while locked");
+    cli.unlock("notes.txt", false).await.expect("unlock");
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    for dir in [&da, &db] {
+        let contents: Vec<String> = tree(dir).into_values().collect();
+        let all: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .collect();
+        assert!(
+            all.iter().any(|c| c == b"b's edit"),
+            "b's edit kept on {}: {contents:?}",
+            dir.display()
+        );
+        assert!(
+            all.iter().any(|c| c == b"a's edit, made while locked"),
+            "a's edit kept on {}: {contents:?}",
+            dir.display()
+        );
+    }
+    let names: Vec<String> = tree(&da).into_keys().collect();
+    assert!(
+        names.iter().any(|n| n.contains(".sync-conflict-")),
+        "one version is a conflict copy: {names:?}"
+    );
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_and_staged_files_survive_a_restart() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let b = env.start("b", &[]).await;
+    let a = env.start("a", &[b.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&db, "report.txt", b"draft");
+    wait_content(&da, "report.txt", b"draft").await;
+    let cli = env.client(&a).await;
+    cli.lock("report.txt", None).await.expect("lock");
+    let log = EventLog::of(&a);
+    write(&db, "report.txt", b"second draft");
+    wait_staged(&log, "report.txt", 1).await;
+    write(&db, "report.txt", b"final version!");
+    wait_staged(&log, "report.txt", 2).await;
+    cli.close().await;
+    a.shutdown().await;
+    assert_eq!(staged_files(&da), 2);
+
+    let a = env.start("a", &[b.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    let cli = env.client(&a).await;
+    let locks = cli.locks().await.unwrap();
+    assert_eq!(locks.len(), 1, "the lock survives: {locks:?}");
+    assert_eq!(locks[0].queued, 2);
+    assert_eq!(std::fs::read(da.join("report.txt")).unwrap(), b"draft");
+    assert_eq!(cli.unlock("report.txt", false).await.unwrap(), (2, 2));
+    assert_eq!(
+        std::fs::read(da.join("report.txt")).unwrap(),
+        b"final version!"
+    );
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    cli.close().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_unlocks_unless_an_admin_forces() {
+    let env = TestEnv::new();
+    let da = env.dir("a");
+    let a = env.start("a", &[]).await;
+    write(&da, "plan.txt", b"x");
+    let cli = env.client(&a).await;
+    // Lockable once indexed (a few milliseconds after the write).
+    let mut locked = None;
+    for _ in 0..100 {
+        match cli.lock("plan.txt", None).await {
+            Ok(l) => {
+                locked = Some(l);
+                break;
+            }
+            Err(e) if e.to_string().contains("does not exist") => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(locked.is_some(), "plan.txt never became lockable");
+    let bob = env.client_as(&a, "bob").await;
+    let err = bob.lock("plan.txt", None).await.unwrap_err().to_string();
+    assert!(err.contains("locked by cli since"), "{err}");
+    let err = bob.unlock("plan.txt", false).await.unwrap_err().to_string();
+    assert!(err.contains("only cli can unlock"), "{err}");
+    let err = bob.unlock("plan.txt", true).await.unwrap_err().to_string();
+    assert!(err.contains("needs an admin certificate"), "{err}");
+    let admin = env.client_as(&a, "admin").await;
+    assert_eq!(admin.unlock("plan.txt", true).await.unwrap(), (0, 0));
+    assert!(cli.locks().await.unwrap().is_empty());
+    let err = cli.unlock("plan.txt", false).await.unwrap_err().to_string();
+    assert!(err.contains("not locked"), "{err}");
+    let err = cli.lock("no/such.txt", None).await.unwrap_err().to_string();
+    assert!(err.contains("does not exist on node a"), "{err}");
+    let err = cli
+        .lock("../etc/passwd", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(".."), "{err}");
+    for c in [cli, bob, admin] {
+        c.close().await;
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_ttl_expires_is_released_and_its_queue_applied() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&da, "t.txt", b"before");
+    wait_content(&db, "t.txt", b"before").await;
+    let cli = env.client(&a).await;
+    let log = EventLog::of(&a);
+    let lock = cli
+        .lock("t.txt", Some(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    assert!(lock.expires.is_some());
+    write(&db, "t.txt", b"after the ttl");
+    wait_staged(&log, "t.txt", 1).await;
+    assert_eq!(std::fs::read(da.join("t.txt")).unwrap(), b"before");
+    log.wait_for("t.txt", |e| {
+        e.event == EventKind::Unlocked && e.detail.as_deref().unwrap_or("").contains("TTL")
+    })
+    .await;
+    wait_content(&da, "t.txt", b"after the ttl").await;
+    assert!(cli.locks().await.unwrap().is_empty());
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
