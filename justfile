@@ -3,7 +3,7 @@
 default:
     @just --list
 
-# Dev certificates for nodes a, b and client cli into certs/ (existing ones are kept)
+# Dev certificates for nodes a, b, client cli and admin into certs/ (existing ones are kept)
 certs:
     cargo run --release --bin dirsync-cli -- certs --out certs
 

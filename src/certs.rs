@@ -291,7 +291,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let report = generate(&CertRequest::defaults(dir.path())).unwrap();
         assert!(report.ca_created);
-        assert_eq!(report.written.len(), 4);
+        assert_eq!(report.written.len(), 5, "ca, a, b, cli, admin");
         let mode = fs::metadata(dir.path().join("a.key"))
             .unwrap()
             .permissions()
@@ -300,12 +300,13 @@ mod tests {
         let ca_before = fs::read(dir.path().join(CA_CERT)).unwrap();
         let a_before = fs::read(dir.path().join("a.pem")).unwrap();
 
-        // Again with a third node: a, b, cli are kept and c is signed by the same CA.
+        // Again with a third node: a, b, cli, admin are kept and c is signed by the
+        // same CA.
         let mut req = CertRequest::defaults(dir.path());
         req.nodes.push("c".into());
         let report = generate(&req).unwrap();
         assert!(!report.ca_created);
-        assert_eq!(report.kept.len(), 3);
+        assert_eq!(report.kept.len(), 4);
         assert_eq!(report.written, vec![dir.path().join("c.pem")]);
         assert_eq!(fs::read(dir.path().join(CA_CERT)).unwrap(), ca_before);
         assert_eq!(fs::read(dir.path().join("a.pem")).unwrap(), a_before);
