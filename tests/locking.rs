@@ -272,3 +272,36 @@ async fn a_lock_whose_ttl_expires_is_released_and_its_queue_applied() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_deleted_around_a_locked_file_goes_after_the_unlock() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_connected(&[&a, &b]).await;
+    write(&da, "proj/src/locked.rs", b"fn main() {}");
+    write(&da, "proj/src/other.rs", b"// other");
+    write(&da, "proj/README", b"readme");
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    let cli = env.client(&a).await;
+    cli.lock("proj/src/locked.rs", None).await.expect("lock");
+    let log = EventLog::of(&a);
+    std::fs::remove_dir_all(db.join("proj")).unwrap();
+    wait_staged(&log, "proj/src/locked.rs", 1).await;
+    wait_gone(&da, "proj/src/other.rs").await;
+    wait_gone(&da, "proj/README").await;
+    // The locked file, and the directories holding it, stay until the unlock.
+    assert_eq!(
+        std::fs::read(da.join("proj/src/locked.rs")).unwrap(),
+        b"fn main() {}"
+    );
+    cli.unlock("proj/src/locked.rs", false)
+        .await
+        .expect("unlock");
+    wait_gone(&da, "proj").await;
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use super::{transfer, Engine, EngineError};
 use crate::events::{Event, EventKind};
 use crate::hash::ContentHash;
+use crate::index::changes::within;
 use crate::index::queue::NewQueued;
 use crate::index::store::IndexId;
 use crate::index::{Entry, StatKey, Store, Update, TEMP_PREFIX};
@@ -217,7 +218,8 @@ impl Work {
     }
 }
 
-/// Steps touching a locked path are not applied: the remote version is staged.
+/// Steps touching a locked path (or deleting a directory above one) are not
+/// applied: the remote version is staged.
 /// A rename away from a locked path becomes a copy (the locked file stays) plus a
 /// staged deletion; a rename onto one becomes a staged version plus the deletion of
 /// the source.
@@ -257,6 +259,13 @@ fn divert(steps: Vec<Step>, locked: &std::collections::HashSet<String>) -> Vec<W
                     out.push(Work::Stage(from_tombstone));
                 }
             },
+            // The deletion of a directory that holds a locked file waits too (in
+            // the directory's own queue, applied once nothing below it is locked).
+            Step::Delete { ref remote }
+                if remote.kind == Kind::Dir && locked.iter().any(|l| within(l, &remote.path)) =>
+            {
+                out.push(Work::Stage(remote.clone()))
+            }
             other => match step_remote(&other) {
                 Some(r) if locked.contains(&r.path) => out.push(Work::Stage(r.clone())),
                 _ => out.push(Work::Apply(other)),

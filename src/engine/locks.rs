@@ -303,6 +303,19 @@ impl Engine {
                 Ok(paths)
             })
             .await??;
+        // A directory's queued deletion waits until nothing below it is locked.
+        let locked: Vec<String> = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let pending = pending.into_iter().filter(|p| {
+            !locked
+                .iter()
+                .any(|l| l != p && crate::index::changes::within(l, p))
+        });
         for path in pending {
             if let Err(e) = self.release(&path, "resumed").await {
                 tracing::warn!("{}: {e}", self.name);
@@ -316,6 +329,10 @@ impl Engine {
     /// flight. The caller holds `releases`.
     async fn release(self: &Arc<Self>, path: &str, why: &str) -> Result<(u32, u32), LockError> {
         let (mut queued, mut applied) = (0u32, 0u32);
+        let p = path.to_string();
+        // A directory's queue (a deletion that waited for a lock below it) has no
+        // lock of its own to announce.
+        let had_lock = self.with_store(move |s| s.lock(&p)).await??.is_some();
         loop {
             let p = path.to_string();
             let queue = self.with_store(move |s| s.queue(&p)).await??;
@@ -351,6 +368,10 @@ impl Engine {
             }
         }
         let detail = format!("{why}; {applied} of {queued} queued updates applied");
+        if !had_lock {
+            tracing::debug!("{}: applied the queue of {path}: {detail}", self.name);
+            return Ok((queued, applied));
+        }
         self.emit(
             Event::new(&self.name, EventKind::Unlocked)
                 .path(path)

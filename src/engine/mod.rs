@@ -213,7 +213,7 @@ impl Engine {
 
     /// Claims `paths` for an install: scans leave them alone, and locks are neither
     /// taken nor released on them, until the guard drops. Returns the guard and
-    /// which of `paths` are locked.
+    /// the locked paths.
     pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> (InstallGuard, HashSet<String>) {
         let mut guard = InstallGuard {
             engine: self.clone(),
@@ -223,7 +223,8 @@ impl Engine {
         (guard, locked)
     }
 
-    /// Adds `paths` to a claim; returns every locked path of the claim.
+    /// Adds `paths` to a claim; returns every locked path (a snapshot that holds
+    /// for the claimed paths until the guard drops).
     pub(crate) fn claim_more(
         &self,
         guard: &mut InstallGuard,
@@ -231,12 +232,7 @@ impl Engine {
     ) -> HashSet<String> {
         let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         guard.add(paths);
-        guard
-            .paths
-            .iter()
-            .filter(|p| locks.contains_key(*p))
-            .cloned()
-            .collect()
+        locks.keys().cloned().collect()
     }
 
     fn is_claimed(&self, path: &str) -> bool {
