@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,23 +99,40 @@ pub async fn apply_batch(
         .collect();
     // Claimed before planning, so no scan versions these paths behind the plan, and
     // no lock is taken or released on them until this batch is committed.
-    let (mut claim, _) = engine.claim(records.iter().map(|r| r.path.clone()).collect());
+    let claim = engine.claim(records.iter().map(|r| r.path.clone()).collect());
+    let mut applied = Applied::default();
+    let records: Vec<Record> = if claim.busy.is_empty() {
+        records
+    } else {
+        // Another batch is installing these paths: retry them shortly.
+        let busy: std::collections::HashSet<&String> = claim.busy.iter().collect();
+        let (busy, free): (Vec<Record>, Vec<Record>) =
+            records.into_iter().partition(|r| busy.contains(&r.path));
+        applied.failed = busy;
+        free
+    };
+    let super::Claim {
+        guard: mut claim, ..
+    } = claim;
     let by_path: HashMap<String, Record> = records
         .iter()
         .map(|r| (r.path.clone(), r.clone()))
         .collect();
+    // The plan and the local entries it was made from, read together: the paths
+    // are claimed, so these entries stay true until the batch commits (a local
+    // edit meanwhile shows on disk, which every step checks before writing).
     let (plan, planned) = engine
         .with_store(move |s| {
-            let planned: HashMap<String, Option<u64>> = records
-                .iter()
-                .map(|r| {
-                    let seq = s.get(&r.path).ok().flatten().map(|e| e.record.seq);
-                    (r.path.clone(), seq)
-                })
-                .collect();
-            (diff::plan(&View(s), &records), planned)
+            s.read(|s| {
+                let mut planned: HashMap<String, Option<Entry>> = HashMap::new();
+                for r in &records {
+                    planned.insert(r.path.clone(), s.get(&r.path)?);
+                }
+                let view = Planned(s, &planned);
+                Ok((diff::plan(&view, &records), planned))
+            })
         })
-        .await?;
+        .await??;
     let by_path = Arc::new(Batch {
         records: by_path,
         planned,
@@ -131,7 +149,6 @@ pub async fn apply_batch(
     let locked = engine.claim_more(&mut claim, plan.steps.iter().flat_map(step_paths).collect());
     let steps = divert(plan.steps, &locked);
 
-    let mut applied = Applied::default();
     let mut done: Vec<Done> = Vec::new();
     // Phases: directories, links and version merges in plan order (parents first);
     // then file contents in parallel; then deletions (children first). A link is
@@ -450,20 +467,32 @@ fn step_remote(step: &Step) -> Option<&Record> {
 /// index when the batch was planned.
 pub(super) struct Batch {
     pub(super) records: HashMap<String, Record>,
-    pub(super) planned: HashMap<String, Option<u64>>,
+    pub(super) planned: HashMap<String, Option<Entry>>,
 }
 
 impl Batch {
-    /// The local entry of `path`, refused if it moved on since planning (a local
-    /// edit indexed meanwhile): the plan no longer holds, the record is retried.
+    /// The local entry of `path` the plan was made from (the path is claimed, so it
+    /// is still the index's), or the index's for a path outside the batch.
     async fn entry(&self, engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, String> {
-        let entry = local_entry(engine, path).await?;
         match self.planned.get(path) {
-            Some(seq) if *seq != entry.as_ref().map(|e| e.record.seq) => Err(format!(
-                "{path} changed locally while the update was planned; retrying"
-            )),
-            _ => Ok(entry),
+            Some(e) => Ok(e.clone()),
+            None => local_entry(engine, path).await,
         }
+    }
+}
+
+/// The index as the planner sees it, with the batch's own paths already read.
+struct Planned<'a>(&'a Store, &'a HashMap<String, Option<Entry>>);
+
+impl LocalIndex for Planned<'_> {
+    fn get(&self, path: &str) -> Option<Record> {
+        match self.1.get(path) {
+            Some(e) => e.as_ref().map(|e| e.record.clone()),
+            None => View(self.0).get(path),
+        }
+    }
+    fn find_by_hash(&self, hash: &ContentHash) -> Option<String> {
+        View(self.0).find_by_hash(hash)
     }
 }
 
@@ -886,73 +915,137 @@ async fn install_file(
     local_source: Option<&str>,
 ) -> Result<(StatKey, u64, u64, PathBuf), String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
-    ensure_parents(&engine.root, &rel)?;
     let abs = rel.to_path(&engine.root);
-    let tmp = temp_name(&abs);
     let started = Instant::now();
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let local_copy = match (local_source, source) {
-        (Some(src), _) => Some(rel_abs(&engine.root, src)?),
-        (None, Source::Staged(staged)) => Some(staged.clone()),
-        (None, Source::Peer(_)) => None,
-    };
-    let written = match (local_copy, source) {
-        (Some(src), _) => {
-            let hash = remote.hash;
-            let mut f = file.try_clone().map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || transfer::copy_local(&src, hash, &mut f))
+    let content = match (local_source, source) {
+        (Some(src), _) => Content::Copy(rel_abs(&engine.root, src)?),
+        (None, Source::Staged(staged)) => Content::Copy(staged.clone()),
+        // A small file arrives whole, then touches the disk in one blocking call.
+        (None, Source::Peer(conn)) if remote.size <= transfer::SMALL_FILE => Content::Bytes(
+            transfer::fetch_small(conn, &remote.path, remote.hash, remote.size)
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
-        }
-        (None, Source::Peer(conn)) => {
-            transfer::fetch(conn, &remote.path, remote.hash, remote.size, &mut file)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        (None, Source::Staged(_)) => Err("no staged file".to_string()),
+                .map_err(|e| e.to_string())?,
+        ),
+        (None, Source::Peer(conn)) => Content::Stream(conn.clone()),
     };
-    let (mode, modified) = (remote.mode & 0o777, system_time(remote.modified));
-    let finish = move |file: File| -> Result<(), String> {
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(|e| e.to_string())?;
-        file.set_modified(modified).map_err(|e| e.to_string())?;
-        file.sync_all().map_err(|e| e.to_string())
+    let target = Target {
+        root: engine.root.clone(),
+        rel,
+        mode: remote.mode & 0o777,
+        modified: system_time(remote.modified),
+        hash: remote.hash,
+        local: local.cloned(),
     };
-    let result = match written {
-        Ok(n) => tokio::task::spawn_blocking(move || finish(file).map(|_| n))
+    let (stat, bytes) = match content {
+        Content::Stream(conn) => {
+            let (tmp, mut file) = target.create_temp()?;
+            let written =
+                transfer::fetch(&conn, &remote.path, remote.hash, remote.size, &mut file).await;
+            match written {
+                Ok(n) => {
+                    let placed =
+                        tokio::task::spawn_blocking(move || target.place(&tmp, file)).await;
+                    (placed.map_err(|e| e.to_string())??, n)
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        other => tokio::task::spawn_blocking(move || target.write(other))
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r),
-        Err(e) => Err(e),
+            .map_err(|e| e.to_string())??,
     };
-    let bytes = match result.and_then(|n| {
-        check_unchanged(&abs, local)?;
-        clear_for_kind_change(&abs, local, Kind::File)?;
-        fs::rename(&tmp, &abs).map_err(|e| format!("installing {}: {e}", remote.path))?;
-        Ok(n)
-    }) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let stat = abs
-        .symlink_metadata()
-        .map(|m| StatKey::of(&m))
-        .map_err(|e| e.to_string())?;
     Ok((
         stat,
         bytes,
         started.elapsed().as_millis() as u64,
         parent_of(&abs),
     ))
+}
+
+/// Where a file's content comes from.
+enum Content {
+    /// A local file (a copy with the same hash, or a staged version), verified.
+    Copy(PathBuf),
+    /// A small file already received and verified.
+    Bytes(Vec<u8>),
+    /// A large file, streamed from the peer into the temp file.
+    Stream(Connection),
+}
+
+/// A file about to be installed, with what must still be true to install it.
+struct Target {
+    root: PathBuf,
+    rel: RelPath,
+    mode: u32,
+    modified: SystemTime,
+    hash: ContentHash,
+    /// The local entry the step was planned against.
+    local: Option<Entry>,
+}
+
+impl Target {
+    /// Creates the parents (never through a link) and a temp file beside the target.
+    fn create_temp(&self) -> Result<(PathBuf, File), String> {
+        ensure_parents(&self.root, &self.rel)?;
+        let tmp = temp_name(&self.rel.to_path(&self.root));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        Ok((tmp, file))
+    }
+
+    /// Writes `content` to a temp file and places it (blocking).
+    fn write(self, content: Content) -> Result<(StatKey, u64), String> {
+        let (tmp, mut file) = self.create_temp()?;
+        let written = match content {
+            Content::Copy(src) => {
+                transfer::copy_local(&src, self.hash, &mut file).map_err(|e| e.to_string())
+            }
+            Content::Bytes(bytes) => file
+                .write_all(&bytes)
+                .map(|_| bytes.len() as u64)
+                .map_err(|e| e.to_string()),
+            Content::Stream(_) => Err("a stream is not written here".to_string()),
+        };
+        match written {
+            Ok(n) => self.place(&tmp, file).map(|stat| (stat, n)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets mode and mtime, fsyncs, and renames the temp file over the target if the
+    /// target is still what the index says (blocking). The temp file is removed on
+    /// any failure.
+    fn place(&self, tmp: &Path, file: File) -> Result<StatKey, String> {
+        let abs = self.rel.to_path(&self.root);
+        let local = self.local.as_ref();
+        let placed = (|| {
+            file.set_permissions(Permissions::from_mode(self.mode))
+                .map_err(|e| e.to_string())?;
+            file.set_modified(self.modified)
+                .map_err(|e| e.to_string())?;
+            file.sync_all().map_err(|e| e.to_string())?;
+            check_unchanged(&abs, local)?;
+            clear_for_kind_change(&abs, local, Kind::File)?;
+            fs::rename(tmp, &abs).map_err(|e| format!("installing {}: {e}", self.rel))
+        })();
+        if let Err(e) = placed {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        abs.symlink_metadata()
+            .map(|m| StatKey::of(&m))
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn make_dir(

@@ -426,17 +426,24 @@ impl Engine {
         nth: usize,
         of: usize,
     ) -> Result<bool, String> {
-        let (mut claim, _) = self.claim(vec![q.path.clone()]);
+        let super::Claim {
+            guard: mut claim,
+            busy,
+            ..
+        } = self.claim(vec![q.path.clone()]);
+        if !busy.is_empty() {
+            return Err(format!("{} is being installed from a peer", q.path));
+        }
         let records = vec![q.record.clone()];
         let path = q.path.clone();
         let (plan, planned) = self
             .with_store(move |s| {
-                let seq = s.get(&path).ok().flatten().map(|e| e.record.seq);
-                let planned: HashMap<String, Option<u64>> = [(path, seq)].into();
-                (diff::plan(&View(s), &records), planned)
+                let entry = s.get(&path).map_err(|e| e.to_string())?;
+                let planned: HashMap<String, Option<crate::index::Entry>> = [(path, entry)].into();
+                Ok::<_, String>((diff::plan(&View(s), &records), planned))
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())??;
         let step = plan.steps.into_iter().next();
         let Some(step) = step else {
             let why = match plan.refused.first() {

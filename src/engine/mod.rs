@@ -214,13 +214,29 @@ impl Engine {
     /// Claims `paths` for an install: scans leave them alone, and locks are neither
     /// taken nor released on them, until the guard drops. Returns the guard and
     /// the locked paths.
-    pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> (InstallGuard, HashSet<String>) {
+    /// A path another batch is installing right now is not claimed but returned in
+    /// `busy`: one install per path at a time, so two peers' versions never race on
+    /// one file (the busy record is retried shortly).
+    pub(crate) fn claim(self: &Arc<Self>, paths: Vec<String>) -> Claim {
         let mut guard = InstallGuard {
             engine: self.clone(),
             paths: Vec::new(),
         };
-        let locked = self.claim_more(&mut guard, paths);
-        (guard, locked)
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = Vec::new();
+        {
+            let mut map = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+            for p in paths {
+                if map.contains_key(&p) {
+                    busy.push(p);
+                } else {
+                    map.insert(p.clone(), 1);
+                    guard.paths.push(p);
+                }
+            }
+        }
+        drop(locks);
+        Claim { guard, busy }
     }
 
     /// Adds `paths` to a claim; returns every locked path (a snapshot that holds
@@ -473,6 +489,13 @@ impl Engine {
         self.seq.send_replace(max);
         Ok(n)
     }
+}
+
+/// What [`Engine::claim`] got: the guard, and the paths that were busy (not
+/// claimed).
+pub(crate) struct Claim {
+    pub(crate) guard: InstallGuard,
+    pub(crate) busy: Vec<String>,
 }
 
 /// Paths claimed by one batch being installed; released when dropped (also on an

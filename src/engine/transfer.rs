@@ -49,6 +49,18 @@ pub enum TransferError {
     Truncated { got: u64, size: u64 },
 }
 
+/// Files up to this size are read (sender) or received (receiver) whole in memory,
+/// so each side touches the disk in one blocking call per file; larger ones stream
+/// in `CHUNK`s with bounded memory.
+pub const SMALL_FILE: u64 = 256 * 1024;
+
+/// What the sender found for a small file: its bytes, or why it refuses.
+enum Small {
+    Bytes(Vec<u8>),
+    Refuse(String),
+    Large,
+}
+
 /// Answers a peer's `FetchRequest`: the file, if it is still at `hash`.
 pub async fn serve_fetch(
     engine: &Arc<Engine>,
@@ -61,6 +73,25 @@ pub async fn serve_fetch(
         Ok(r) => r,
         Err(e) => return write_message(send, &refuse(e.to_string())).await,
     };
+    // Small files: index check and read in one blocking call.
+    let small = {
+        let (me, p, abs) = (engine.clone(), path.clone(), rel.to_path(&engine.root));
+        tokio::task::spawn_blocking(move || read_small(&me, &p, &abs, hash)).await
+    };
+    match small {
+        Ok(Small::Bytes(bytes)) => {
+            write_message(
+                send,
+                &Message::FileHeader {
+                    size: bytes.len() as u64,
+                },
+            )
+            .await?;
+            return send.write_all(&bytes).await.map_err(StreamError::Write);
+        }
+        Ok(Small::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
+        Ok(Small::Large) | Err(_) => {}
+    }
     let current = engine.with_store({
         let p = path.clone();
         move |s| s.get(&p)
@@ -124,15 +155,72 @@ pub async fn serve_fetch(
     Ok(())
 }
 
-/// Fetches `path` at `hash` (`size` bytes) from the peer on `conn` into `out`,
-/// hashing as it goes. `out` is left at the end of the written content.
-pub async fn fetch(
+/// The content of a small indexed file at `hash`, read whole; `Large` if it is not
+/// small (then it is streamed).
+fn read_small(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Small {
+    let current = {
+        let store = engine.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.get(path)
+    };
+    let current = match current {
+        Ok(Some(e)) => e.record,
+        _ => return Small::Refuse(format!("{path} is not in the index")),
+    };
+    if current.deleted || current.kind != Kind::File || current.hash != hash {
+        return Small::Refuse(format!("{path} is no longer at that version"));
+    }
+    if current.size > SMALL_FILE {
+        return Small::Large;
+    }
+    let file = match abs.symlink_metadata() {
+        Ok(m) if m.is_file() => File::open(abs),
+        Ok(_) => return Small::Refuse(format!("{path} is not a regular file")),
+        Err(e) => Err(e),
+    };
+    let mut bytes = Vec::with_capacity(current.size as usize);
+    match file.and_then(|f| f.take(current.size).read_to_end(&mut bytes)) {
+        // Exactly the indexed size, checked like the streamed path: a file that
+        // shrank cannot serve this version (the receiver verifies the hash).
+        Ok(n) if n as u64 == current.size => Small::Bytes(bytes),
+        Ok(_) => Small::Refuse(format!("{path} is no longer at that version")),
+        Err(e) => Small::Refuse(format!("{path}: {e}")),
+    }
+}
+
+/// Fetches a small file whole into memory, checking its size and hash.
+pub async fn fetch_small(
     conn: &Connection,
     path: &str,
     hash: ContentHash,
     size: u64,
-    out: &mut File,
-) -> Result<u64, TransferError> {
+) -> Result<Vec<u8>, TransferError> {
+    let mut recv = request(conn, path, hash, size).await?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while (bytes.len() as u64) < size {
+        let want = (size - bytes.len() as u64) as usize;
+        match recv.read_chunk(want, true).await? {
+            Some(c) => bytes.extend_from_slice(&c.bytes),
+            None => {
+                return Err(TransferError::Truncated {
+                    got: bytes.len() as u64,
+                    size,
+                })
+            }
+        }
+    }
+    if ContentHash::of(&bytes) != hash {
+        return Err(TransferError::HashMismatch);
+    }
+    Ok(bytes)
+}
+
+/// Sends a `FetchRequest` and reads the header: the stream is then at the content.
+async fn request(
+    conn: &Connection,
+    path: &str,
+    hash: ContentHash,
+    size: u64,
+) -> Result<quinn::RecvStream, TransferError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_message(
         &mut send,
@@ -155,6 +243,19 @@ pub async fn fetch(
             expected: size,
         });
     }
+    Ok(recv)
+}
+
+/// Fetches `path` at `hash` (`size` bytes) from the peer on `conn` into `out`,
+/// hashing as it goes. `out` is left at the end of the written content.
+pub async fn fetch(
+    conn: &Connection,
+    path: &str,
+    hash: ContentHash,
+    size: u64,
+    out: &mut File,
+) -> Result<u64, TransferError> {
+    let mut recv = request(conn, path, hash, size).await?;
     let mut hasher = blake3::Hasher::new();
     let mut got = 0u64;
     while got < size {

@@ -202,6 +202,19 @@ impl Store {
         self.max_seq
     }
 
+    /// Runs `f` inside one read transaction: many lookups share one snapshot and
+    /// one set of file locks instead of taking them per statement.
+    pub fn read<R>(
+        &mut self,
+        f: impl FnOnce(&Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        let result = f(self);
+        // A read-only transaction: ending it cannot lose anything.
+        let _ = self.conn.execute_batch("COMMIT");
+        result
+    }
+
     /// The entry for `path`, tombstones included.
     pub fn get(&self, path: &str) -> Result<Option<Entry>, StoreError> {
         let mut stmt = self
