@@ -77,9 +77,9 @@ impl Watcher {
             path: root.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let (raw_tx, raw_rx) = mpsc::unbounded_channel::<Raw>();
+        let (raw_tx, raw_rx) = mpsc::unbounded_channel::<(Instant, Raw)>();
         let mut inner = notify::recommended_watcher(move |res: Raw| {
-            let _ = raw_tx.send(res);
+            let _ = raw_tx.send((Instant::now(), res));
         })
         .map_err(|e| WatchError {
             path: root.clone(),
@@ -129,26 +129,46 @@ fn warn_limit_once(degraded: &AtomicBool) {
 async fn coalesce(
     root: PathBuf,
     config: WatchConfig,
-    mut raw: mpsc::UnboundedReceiver<Raw>,
+    mut raw: mpsc::UnboundedReceiver<(Instant, Raw)>,
     out: mpsc::Sender<Batch>,
     degraded: Arc<AtomicBool>,
 ) {
     loop {
-        let Some(first) = raw.recv().await else {
+        let Some((mut last, first)) = raw.recv().await else {
             return;
         };
         let mut batch = Batch::default();
         absorb(&root, first, &mut batch, &degraded);
         let opened = Instant::now();
+        // Sleep through the quiet period and then take everything that came
+        // meanwhile, instead of waking for each event: a bulk change (thousands of
+        // events a second) costs one wake-up per quiet period, not one per event.
+        // Events carry their arrival time, so the batch still closes `quiet` after
+        // the last one.
         loop {
-            let deadline = (Instant::now() + config.quiet).min(opened + config.max_delay);
-            match tokio::time::timeout_at(deadline, raw.recv()).await {
-                Ok(Some(e)) => absorb(&root, e, &mut batch, &degraded),
-                Ok(None) => {
-                    let _ = out.send(batch).await;
-                    return;
+            let deadline = (last + config.quiet).min(opened + config.max_delay);
+            tokio::time::sleep_until(deadline.into()).await;
+            let mut closed = false;
+            loop {
+                match raw.try_recv() {
+                    Ok((at, e)) => {
+                        last = last.max(at);
+                        absorb(&root, e, &mut batch, &degraded);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
-                Err(_) => break,
+            }
+            if closed {
+                let _ = out.send(batch).await;
+                return;
+            }
+            let now = Instant::now();
+            if last + config.quiet <= now || opened + config.max_delay <= now {
+                break;
             }
         }
         if (!batch.paths.is_empty() || batch.rescan) && out.send(batch).await.is_err() {

@@ -216,7 +216,7 @@ pub async fn apply_batch(
         &mut applied,
     )
     .await;
-    commit(engine, peer, done, progress, &mut applied, claim).await?;
+    commit(engine, peer, done, progress, &mut applied, claim, &by_path).await?;
     Ok(applied)
 }
 
@@ -377,6 +377,7 @@ async fn commit(
     progress: Option<(IndexId, u64)>,
     applied: &mut Applied,
     claim: super::InstallGuard,
+    batch: &Batch,
 ) -> Result<(), EngineError> {
     let dirs: BTreeSet<PathBuf> = done.iter().flat_map(|d| d.dirs.iter().cloned()).collect();
     let updates: Vec<Update> = done
@@ -390,6 +391,17 @@ async fn commit(
         .collect();
     let floor = applied.failed.iter().map(|r| r.seq.saturating_sub(1)).min();
     let progress = progress.map(|(id, seq)| (id, floor.map_or(seq, |f| f.min(seq))));
+    // Records stored exactly as the peer sent them: never echoed back to it.
+    let taken: std::collections::HashSet<String> = updates
+        .iter()
+        .filter(|u| {
+            batch
+                .records
+                .get(&u.record.path)
+                .is_some_and(|r| r.version == u.record.version && r.deleted == u.record.deleted)
+        })
+        .map(|u| u.record.path.clone())
+        .collect();
     let peer_name = peer.to_string();
     let result = engine
         .with_store(move |s| {
@@ -408,6 +420,7 @@ async fn commit(
                     .map(|(id, seq)| (peer_name.as_str(), *id, *seq)),
                 &enqueue,
                 &[],
+                Some((peer_name.as_str(), &taken)),
             )
         })
         .await;

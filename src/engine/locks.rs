@@ -528,7 +528,7 @@ impl Engine {
                         let _ = f.sync_all();
                     }
                 }
-                s.commit_with(&updates, None, &[], &[id])
+                s.commit_with(&updates, None, &[], &[id], None)
             })
             .await??;
         if let Some(name) = &q.staged {

@@ -101,6 +101,7 @@ pub struct Engine {
 struct Ctx<'a> {
     entries: &'a HashMap<String, Entry>,
     ignore: &'a IgnoreRules,
+    installing: &'a Mutex<HashMap<String, usize>>,
 }
 
 impl ScanContext for Ctx<'_> {
@@ -112,6 +113,12 @@ impl ScanContext for Ctx<'_> {
     }
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
         self.ignore.is_ignored(path, is_dir)
+    }
+    fn is_claimed(&self, path: &str) -> bool {
+        self.installing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(path)
     }
 }
 
@@ -367,6 +374,7 @@ impl Engine {
         let ctx = Ctx {
             entries: &entries,
             ignore: &ignore,
+            installing: &self.installing,
         };
         let mut observed = Vec::new();
         let mut unstable = Vec::new();

@@ -24,6 +24,8 @@ use crate::wire::{Message, CHUNK_TARGET};
 /// How many records are read from the index at a time when catching a peer up.
 const PAGE: usize = 4096;
 const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// Index frames already received are merged into one batch up to this many records.
+const MERGE_UP_TO: usize = 4096;
 /// A record that still fails after this many attempts is given up (and logged): it
 /// comes back when the peer changes the path again, or after a reconnect.
 const MAX_ATTEMPTS: u32 = 20;
@@ -31,6 +33,7 @@ const MAX_ATTEMPTS: u32 = 20;
 /// Serves a peer's subscription until the stream or connection ends.
 pub async fn serve_subscribe(
     engine: &Arc<Engine>,
+    peer: &str,
     their_id: Option<IndexId>,
     since: u64,
     send: &mut SendStream,
@@ -42,11 +45,25 @@ pub async fn serve_subscribe(
     // Sequence numbers of another index incarnation mean nothing here: start over.
     let mut cursor = if their_id == Some(our_id) { since } else { 0 };
     let mut seq = engine.seq();
+    // Records we took unchanged from this peer are left out (it has them: no
+    // echo). A peer catching up from scratch may have lost its index, so it does
+    // get back what we took from it before this session (adopting those versions
+    // keeps its counters from going backwards); only later ones are left out.
+    let filter_after = if cursor > 0 { 0 } else { *seq.borrow() };
     loop {
         seq.borrow_and_update();
         let from = cursor;
-        let records = match engine.with_store(move |s| s.since(from, PAGE)).await {
-            Ok(Ok(r)) => r,
+        let peer = peer.to_string();
+        let page = engine.with_store(move |s| s.since_for(from, PAGE, &peer, filter_after));
+        let records = match page.await {
+            Ok(Ok((r, last))) => {
+                if r.is_empty() && last > cursor {
+                    // All left out: move on without a frame.
+                    cursor = last;
+                    continue;
+                }
+                r
+            }
             Ok(Err(e)) => {
                 tracing::warn!("{}: reading the index for a peer: {e}", engine.name());
                 return Ok(());
@@ -96,7 +113,7 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
     // Frames are read by their own task: `read_message` is not cancel-safe, and the
     // loop below also waits on a retry timer. Dropping a half-read frame would
     // desynchronise the stream for good.
-    let (tx, mut frames) = tokio::sync::mpsc::channel(4);
+    let (tx, mut frames) = tokio::sync::mpsc::channel(16);
     let _reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             let msg = read_message(&mut recv).await;
@@ -109,16 +126,36 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
     let mut pending: BTreeMap<String, (Record, u32)> = BTreeMap::new();
     let mut last: Option<(IndexId, u64)> = progress;
     let mut retry = tokio::time::interval(RETRY_EVERY);
+    // A frame taken out of the channel while merging, not part of the batch.
+    let mut held = None;
     loop {
         tokio::select! {
-            msg = frames.recv() => {
+            msg = async { match held.take() { Some(m) => Some(m), None => frames.recv().await } } => {
                 let msg = msg.unwrap_or(Ok(None));
-                let (index_id, max_seq, records) = match msg {
+                let (index_id, mut max_seq, mut records) = match msg {
                     Ok(Some(Message::IndexBatch { index_id, max_seq, records })) => (index_id, max_seq, records),
                     Ok(Some(other)) => return Err(format!("unexpected {} on the index stream", other.kind())),
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(e.to_string()),
                 };
+                // Frames that are already here join this batch: fewer plans,
+                // commits and waits for a batch's slowest file.
+                while records.len() < MERGE_UP_TO {
+                    match frames.try_recv() {
+                        Ok(Ok(Some(Message::IndexBatch { index_id: id, max_seq: m, records: more }))) if id == index_id => {
+                            // A later record of a path replaces an earlier one.
+                            let newer: std::collections::HashSet<&str> = more.iter().map(|r| r.path.as_str()).collect();
+                            records.retain(|r| !newer.contains(r.path.as_str()));
+                            records.extend(more);
+                            max_seq = m;
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 // A newer record of a path supersedes a failed older one.
                 for r in &records {
                     pending.remove(&r.path);

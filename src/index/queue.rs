@@ -242,8 +242,8 @@ mod tests {
                     staged: Some(format!("s{n}")),
                 })
                 .collect();
-            s.commit_with(&[], None, &new[..2], &[]).unwrap();
-            s.commit_with(&[], None, &new[2..], &[]).unwrap();
+            s.commit_with(&[], None, &new[..2], &[], None).unwrap();
+            s.commit_with(&[], None, &new[2..], &[], None).unwrap();
         }
         let mut s = Store::open(&db).unwrap();
         let locks = s.locks().unwrap();
@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(s.staged_names().unwrap().len(), 3);
         assert!(!s.remove_lock_if_drained("p").unwrap());
         let ids: Vec<i64> = q.iter().map(|q| q.id).collect();
-        s.commit_with(&[], None, &[], &ids).unwrap();
+        s.commit_with(&[], None, &[], &ids, None).unwrap();
         s.set_releasing("p").unwrap();
         assert!(s.lock("p").unwrap().unwrap().releasing);
         assert!(s.remove_lock_if_drained("p").unwrap());

@@ -52,6 +52,8 @@ pub struct ScanOutcome {
     pub hashed_bytes: u64,
     /// Files that changed while they were hashed: look at them again shortly.
     pub unstable: Vec<String>,
+    /// Files skipped because the engine is installing them: look again later.
+    pub claimed: Vec<String>,
 }
 
 impl ScanOutcome {
@@ -61,6 +63,7 @@ impl ScanOutcome {
             tracing::warn!("{node}: {w}");
         }
         unstable.extend(self.unstable);
+        unstable.extend(self.claimed);
         self.entries
     }
 }
@@ -71,6 +74,11 @@ pub trait ScanContext {
     fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash>;
     /// Paths the user asked to ignore (`.dirsyncignore`).
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool;
+    /// Paths the engine is installing right now: not hashed (the install's own
+    /// result is about to be committed), reported in [`ScanOutcome::claimed`].
+    fn is_claimed(&self, _path: &str) -> bool {
+        false
+    }
 }
 
 /// Walks `root` (or only the subtree `sub` of it, if given), never entering the
@@ -220,6 +228,10 @@ fn observe(
         out.warnings.push(format!(
             "skipped {rel}: not a regular file, directory or symlink (fifo, socket or device)"
         ));
+        return None;
+    }
+    if ctx.is_claimed(&rel) {
+        out.claimed.push(rel);
         return None;
     }
     let (hash, stat) = match ctx.cached_hash(&rel, &stat) {

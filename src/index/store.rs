@@ -166,6 +166,14 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        // Added after the first release of the schema: which peer a record was
+        // taken from unchanged (so it is not echoed back to that peer).
+        let has_source = conn
+            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'source'")?
+            .exists([])?;
+        if !has_source {
+            conn.execute_batch("ALTER TABLE files ADD COLUMN source TEXT")?;
+        }
         let index_id = match conn
             .query_row("SELECT value FROM meta WHERE key = 'index_id'", [], |r| {
                 r.get::<_, Vec<u8>>(0)
@@ -245,13 +253,32 @@ impl Store {
         )
     }
 
-    /// Up to `limit` records with a sequence number above `seq`, in sequence order.
-    pub fn since(&self, seq: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
-        let entries = self.select(
-            &format!("SELECT {COLUMNS} FROM files WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-            params![seq as i64, limit as i64],
-        )?;
-        Ok(entries.into_iter().map(|e| e.record).collect())
+    /// Up to `limit` records after `seq` for `peer`, leaving out those above
+    /// `filter_after` that were taken from `peer` unchanged (it has them); returns
+    /// them and the last sequence number looked at (the cursor moves past what was
+    /// left out).
+    pub fn since_for(
+        &self,
+        seq: u64,
+        limit: usize,
+        peer: &str,
+        filter_after: u64,
+    ) -> Result<(Vec<Record>, u64), StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS}, source FROM files WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let mut rows = stmt.query(params![seq as i64, limit as i64])?;
+        let (mut out, mut last) = (Vec::new(), seq);
+        while let Some(row) = rows.next()? {
+            let e = read_entry(row)?;
+            last = e.record.seq;
+            let echo = e.record.seq > filter_after
+                && row.get::<_, Option<String>>(17)?.as_deref() == Some(peer);
+            if !echo {
+                out.push(e.record);
+            }
+        }
+        Ok((out, last))
     }
 
     /// Live regular files, in path order.
@@ -301,7 +328,7 @@ impl Store {
         updates: &[Update],
         peer_progress: Option<(&str, IndexId, u64)>,
     ) -> Result<u64, StoreError> {
-        self.commit_with(updates, peer_progress, &[], &[])
+        self.commit_with(updates, peer_progress, &[], &[], None)
     }
 
     /// [`Store::commit`], plus staged versions of locked paths appended to their
@@ -313,13 +340,14 @@ impl Store {
         peer_progress: Option<(&str, IndexId, u64)>,
         enqueue: &[super::queue::NewQueued],
         dequeue: &[i64],
+        taken_from: Option<(&str, &std::collections::HashSet<String>)>,
     ) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         super::queue::write_queue(&tx, enqueue, dequeue)?;
         let mut seq = self.max_seq;
         {
             let mut stmt = tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO files ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                "INSERT OR REPLACE INTO files ({COLUMNS}, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ))?;
             for u in updates {
                 seq += 1;
@@ -344,6 +372,9 @@ impl Store {
                     s.map(|s| s.ctime_ns as i64),
                     s.map(|s| s.ino as i64),
                     s.map(|s| s.dev as i64),
+                    taken_from
+                        .filter(|(_, paths)| paths.contains(&r.path))
+                        .map(|(peer, _)| peer),
                 ])?;
             }
         }
@@ -405,4 +436,61 @@ fn new_index_id() -> IndexId {
     let mut id = [0u8; 16];
     id.copy_from_slice(&h.finalize().as_bytes()[..16]);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(path: &str, by: &str) -> Update {
+        let mut version = VersionVector::default();
+        version.bump(by);
+        Update {
+            record: Record {
+                path: path.into(),
+                kind: Kind::File,
+                size: 1,
+                modified: Timestamp { secs: 1, nanos: 0 },
+                mode: 0o644,
+                hash: ContentHash([1; 32]),
+                target: None,
+                version,
+                deleted: false,
+                modified_by: by.into(),
+                seq: 0,
+            },
+            stat: None,
+        }
+    }
+
+    #[test]
+    fn records_taken_from_a_peer_are_not_sent_back_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("index.db")).unwrap();
+        s.commit(&[update("mine", "a")], None).unwrap();
+        let from_b: std::collections::HashSet<String> = ["theirs".to_string()].into();
+        s.commit_with(
+            &[update("theirs", "b")],
+            None,
+            &[],
+            &[],
+            Some(("b", &from_b)),
+        )
+        .unwrap();
+        s.commit(&[update("later", "a")], None).unwrap();
+        let paths = |(r, last): (Vec<Record>, u64)| {
+            (r.into_iter().map(|r| r.path).collect::<Vec<_>>(), last)
+        };
+        // b resuming: everything but what came from b.
+        assert_eq!(
+            paths(s.since_for(0, 10, "b", 0).unwrap()),
+            (vec!["mine".to_string(), "later".to_string()], 3)
+        );
+        // c gets everything.
+        assert_eq!(s.since_for(0, 10, "c", 0).unwrap().0.len(), 3);
+        // b starting from scratch gets back what it gave before the session.
+        assert_eq!(s.since_for(0, 10, "b", 3).unwrap().0.len(), 3);
+        // The cursor moves past a page of echoes only.
+        assert_eq!(paths(s.since_for(1, 1, "b", 0).unwrap()), (vec![], 2));
+    }
 }

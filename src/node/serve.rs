@@ -128,7 +128,7 @@ async fn handle_stream(
             answer_peer_list(&shared, &mut send).await
         }
         Message::Subscribe { index_id, since } if id.role == Role::Node => {
-            serve_subscribe(&shared.engine, index_id, since, &mut send).await
+            serve_subscribe(&shared.engine, &id.name, index_id, since, &mut send).await
         }
         Message::FetchRequest { path, hash } if id.role == Role::Node => {
             serve_fetch(&shared.engine, path, hash, &mut send).await
