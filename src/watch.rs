@@ -147,7 +147,7 @@ async fn coalesce(
         // the last one.
         loop {
             let deadline = (last + config.quiet).min(opened + config.max_delay);
-            tokio::time::sleep_until(deadline.into()).await;
+            tokio::time::sleep_until(deadline).await;
             let mut closed = false;
             loop {
                 match raw.try_recv() {
