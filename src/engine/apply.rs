@@ -391,6 +391,11 @@ async fn commit(
         .collect();
     let floor = applied.failed.iter().map(|r| r.seq.saturating_sub(1)).min();
     let progress = progress.map(|(id, seq)| (id, floor.map_or(seq, |f| f.min(seq))));
+    let written: Vec<(String, Option<StatKey>)> = updates
+        .iter()
+        .filter(|u| u.record.deleted || u.stat.is_some())
+        .map(|u| (u.record.path.clone(), u.stat))
+        .collect();
     // Records stored exactly as the peer sent them: never echoed back to it.
     let taken: std::collections::HashSet<String> = updates
         .iter()
@@ -424,8 +429,9 @@ async fn commit(
             )
         })
         .await;
-    drop(claim);
     let max = result??;
+    engine.remember_written(written);
+    drop(claim);
     engine.seq.send_if_modified(|s| {
         let changed = *s != max;
         *s = max;

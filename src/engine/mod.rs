@@ -89,6 +89,9 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Option<Timestamp>>>,
     /// Where staged versions of locked paths wait, inside the state dir.
     staging: PathBuf,
+    /// What the engine itself just wrote (path -> stat, `None` for a deletion):
+    /// the watcher's events for it are recognised by a stat, without a scan.
+    written: Mutex<HashMap<String, Option<StatKey>>>,
     /// Held while a lock's queue is applied: one release at a time.
     releases: tokio::sync::Mutex<()>,
     /// Transfers running and waiting, for status.
@@ -176,6 +179,7 @@ impl Engine {
             events,
             locks: Mutex::new(locked),
             staging,
+            written: Mutex::default(),
             releases: tokio::sync::Mutex::new(()),
             transfers: transfer::Counters::default(),
             me: me.clone(),
@@ -265,6 +269,37 @@ impl Engine {
             .contains_key(path)
     }
 
+    /// Remembers what the engine wrote, so the watcher's echo of it costs a stat.
+    pub(crate) fn remember_written(
+        &self,
+        written: impl IntoIterator<Item = (String, Option<StatKey>)>,
+    ) {
+        let mut map = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 200_000 {
+            map.clear();
+        }
+        map.extend(written);
+    }
+
+    /// Whether `path` is still exactly what the engine last wrote there (then a
+    /// watcher event for it is our own echo and needs no scan).
+    fn is_echo(&self, path: &str) -> bool {
+        let mut map = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(expected) = map.get(path) else {
+            return false;
+        };
+        let now = self.root.join(path).symlink_metadata();
+        let same = match (expected, now) {
+            (Some(stat), Ok(m)) => StatKey::of(&m) == *stat,
+            (None, Err(e)) => e.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        };
+        if !same {
+            map.remove(path);
+        }
+        same
+    }
+
     fn marker_present(&self) -> bool {
         self.root.join(STATE_DIR_NAME).join(MARKER).is_file()
     }
@@ -342,9 +377,14 @@ impl Engine {
                 files,
             });
         }
-        // Nested scopes are covered by their ancestors.
+        // Nested scopes are covered by their ancestors; our own writes are not
+        // scanned again.
         let scopes: Option<Vec<&str>> = scopes.map(|list| {
-            let mut sorted: Vec<&str> = list.iter().map(String::as_str).collect();
+            let mut sorted: Vec<&str> = list
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !self.is_echo(p))
+                .collect();
             sorted.sort_unstable();
             sorted.dedup();
             let mut kept: Vec<&str> = Vec::new();
@@ -357,16 +397,17 @@ impl Engine {
         });
         let mut entries: HashMap<String, Entry> = HashMap::new();
         {
-            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             let list = match &scopes {
                 None => store.all()?,
-                Some(list) => {
+                Some(list) if list.is_empty() => return Ok(0),
+                Some(list) => store.read(|store| {
                     let mut all = Vec::new();
                     for s in list {
                         all.extend(store.under(s)?);
                     }
-                    all
-                }
+                    Ok(all)
+                })?,
             };
             entries.extend(list.into_iter().map(|e| (e.record.path.clone(), e)));
         }
