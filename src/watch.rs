@@ -1,7 +1,7 @@
 //! Filesystem events (inotify through `notify`) turned into batches of changed
 //! paths for the engine.
 //!
-//! A batch closes when no event came for `quiet` (5 ms by default: long enough to
+//! A batch closes when no event came for `quiet` (2 ms by default: long enough to
 //! absorb a burst of writes to one file, short enough for the latency target) or
 //! `max_delay` after its first event, so bulk operations (a checkout, an unpacked
 //! archive, `rm -rf`) arrive as a few large batches, not one event at a time.
@@ -35,7 +35,7 @@ pub struct WatchConfig {
 impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
-            quiet: Duration::from_millis(5),
+            quiet: Duration::from_millis(2),
             max_delay: Duration::from_millis(100),
         }
     }
