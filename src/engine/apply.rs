@@ -77,6 +77,15 @@ pub(super) struct Done {
     pub(super) rescan: Vec<String>,
     /// Versions of locked paths, staged, to append to their queues.
     pub(super) enqueue: Vec<NewQueued>,
+    /// A small file written to its temp file but not yet fsynced or renamed: the
+    /// batch syncs all of them at once, then installs them ([`finish_pending`]).
+    pub(super) pending: Option<Pending>,
+}
+
+/// A received small file waiting in its temp file for the batch's sync.
+pub(super) struct Pending {
+    tmp: PathBuf,
+    target: Target,
 }
 
 /// Plans and applies `records` from `peer`, then commits the results together with
@@ -206,6 +215,8 @@ pub async fn apply_batch(
         });
     }
     drain(&mut parallel, &mut done, &mut applied).await;
+    let done_files = std::mem::take(&mut done);
+    done = finish_pending(engine, peer, done_files, &mut applied).await;
     run_in_order(
         engine,
         peer,
@@ -366,6 +377,76 @@ async fn drain(set: &mut JoinSet<Finished>, done: &mut Vec<Done>, applied: &mut 
             Err(e) => fail(&engine, &peer, remote, e, applied),
         }
     }
+}
+
+/// Below this many received small files, each is fsynced on its own; from this
+/// many on, one `syncfs` flushes them all (one flush instead of one per file).
+const SYNCFS_FROM: usize = 8;
+
+/// Makes the batch's received small files durable at once, then renames each into
+/// place (if its target is still what the index says); a file that cannot be
+/// installed becomes a failed record, retried later.
+async fn finish_pending(
+    engine: &Arc<Engine>,
+    peer: &str,
+    done: Vec<Done>,
+    applied: &mut Applied,
+) -> Vec<Done> {
+    let (mut waiting, mut ready): (Vec<Done>, Vec<Done>) =
+        done.into_iter().partition(|d| d.pending.is_some());
+    if waiting.is_empty() {
+        return ready;
+    }
+    let root = engine.root.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let pending: Vec<&Pending> = waiting.iter().filter_map(|d| d.pending.as_ref()).collect();
+        let synced = sync_all_pending(&root, &pending);
+        let placed: Vec<Result<StatKey, String>> = pending
+            .iter()
+            .map(|p| match &synced {
+                Ok(()) => p.target.place_synced(&p.tmp),
+                Err(e) => {
+                    let _ = fs::remove_file(&p.tmp);
+                    Err(e.clone())
+                }
+            })
+            .collect();
+        for (d, r) in waiting.iter_mut().zip(&placed) {
+            d.pending = None;
+            if let (Ok(stat), Some(u)) = (r, d.updates.first_mut()) {
+                u.stat = Some(*stat);
+            }
+        }
+        (waiting, placed)
+    })
+    .await;
+    let Ok((waiting, placed)) = results else {
+        return ready;
+    };
+    for (d, r) in waiting.into_iter().zip(placed) {
+        match r {
+            Ok(_) => ready.push(d),
+            Err(e) => {
+                let remote = d.updates.into_iter().next().map(|u| u.record);
+                fail(engine, peer, remote, e, applied);
+            }
+        }
+    }
+    ready
+}
+
+/// Flushes the temp files: one `syncfs` for many, an fsync each for a few.
+fn sync_all_pending(root: &Path, pending: &[&Pending]) -> Result<(), String> {
+    if pending.len() >= SYNCFS_FROM {
+        let dir = File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        return rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"));
+    }
+    for p in pending {
+        File::open(&p.tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{}: {e}", p.tmp.display()))?;
+    }
+    Ok(())
 }
 
 /// Fsyncs the touched directories, commits every update and the peer's progress in
@@ -559,6 +640,43 @@ pub(super) async fn run_step(
         }
         Step::Fetch {
             remote,
+            local_source: None,
+        } if remote.size <= transfer::SMALL_FILE && matches!(source, Source::Peer(_)) => {
+            let Source::Peer(conn) = &source else {
+                return Err("not from a peer".into());
+            };
+            let local = batch.entry(&engine, &remote.path).await?;
+            let started = Instant::now();
+            let bytes = transfer::fetch_small(conn, &remote.path, remote.hash, remote.size)
+                .await
+                .map_err(|e| e.to_string())?;
+            let target = Target::of(&engine.root, &remote, local)?;
+            let n = bytes.len() as u64;
+            let dir = parent_of(&target.rel.to_path(&engine.root));
+            let tmp = tokio::task::spawn_blocking(move || {
+                target
+                    .write_unsynced(&bytes)
+                    .map(|tmp| Pending { tmp, target })
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            Ok(Done {
+                updates: vec![Update {
+                    record: remote.clone(),
+                    stat: None,
+                }],
+                event: Some(
+                    ev(EventKind::Received, &remote.path)
+                        .bytes(n)
+                        .millis(started.elapsed().as_millis() as u64),
+                ),
+                dirs: vec![dir],
+                pending: Some(tmp),
+                ..Done::default()
+            })
+        }
+        Step::Fetch {
+            remote,
             local_source,
         } => {
             let local = batch.entry(&engine, &remote.path).await?;
@@ -587,6 +705,7 @@ pub(super) async fn run_step(
                 dirs: vec![dir],
                 rescan: vec![],
                 enqueue: vec![],
+                pending: None,
             })
         }
         Step::MakeDir { remote } => {
@@ -601,6 +720,7 @@ pub(super) async fn run_step(
                 dirs: vec![dir],
                 rescan: vec![],
                 enqueue: vec![],
+                pending: None,
             })
         }
         Step::MakeSymlink { remote } => {
@@ -616,6 +736,7 @@ pub(super) async fn run_step(
                 dirs: vec![dir],
                 rescan: vec![],
                 enqueue: vec![],
+                pending: None,
             })
         }
         Step::Delete { remote } => {
@@ -635,6 +756,7 @@ pub(super) async fn run_step(
                 dirs: dir.into_iter().collect(),
                 rescan,
                 enqueue: vec![],
+                pending: None,
             })
         }
         Step::Rename {
@@ -667,6 +789,7 @@ pub(super) async fn run_step(
                 dirs,
                 rescan: vec![],
                 enqueue: vec![],
+                pending: None,
             })
         }
         Step::Conflict {
@@ -799,6 +922,7 @@ async fn conflict(
         dirs,
         rescan: vec![],
         enqueue: vec![],
+        pending: None,
     })
 }
 
@@ -1006,6 +1130,57 @@ struct Target {
 }
 
 impl Target {
+    fn of(root: &Path, remote: &Record, local: Option<Entry>) -> Result<Target, String> {
+        Ok(Target {
+            root: root.to_path_buf(),
+            rel: RelPath::parse(&remote.path).map_err(|e| e.to_string())?,
+            mode: remote.mode & 0o777,
+            modified: system_time(remote.modified),
+            hash: remote.hash,
+            local,
+        })
+    }
+
+    /// Writes `bytes` to a new temp file with mode and mtime set, not yet fsynced
+    /// (blocking). Returns the temp file's path.
+    fn write_unsynced(&self, bytes: &[u8]) -> Result<PathBuf, String> {
+        let (tmp, mut file) = self.create_temp()?;
+        let written = file
+            .write_all(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                file.set_permissions(Permissions::from_mode(self.mode))
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|_| file.set_modified(self.modified).map_err(|e| e.to_string()));
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Renames an already synced temp file over the target if the target is still
+    /// what the index says (blocking); the temp file is removed on failure.
+    fn place_synced(&self, tmp: &Path) -> Result<StatKey, String> {
+        let abs = self.rel.to_path(&self.root);
+        let local = self.local.as_ref();
+        let placed = check_unchanged(&abs, local)
+            .and_then(|_| clear_for_kind_change(&abs, local, Kind::File))
+            .and_then(|_| {
+                fs::rename(tmp, &abs).map_err(|e| format!("installing {}: {e}", self.rel))
+            });
+        if let Err(e) = placed {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        abs.symlink_metadata()
+            .map(|m| StatKey::of(&m))
+            .map_err(|e| e.to_string())
+    }
+
     /// Creates the parents (never through a link) and a temp file beside the target.
     fn create_temp(&self) -> Result<(PathBuf, File), String> {
         ensure_parents(&self.root, &self.rel)?;

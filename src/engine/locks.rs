@@ -634,5 +634,6 @@ pub(super) async fn stage(
             record: remote,
             staged,
         }],
+        pending: None,
     })
 }
