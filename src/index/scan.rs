@@ -54,6 +54,8 @@ pub struct ScanOutcome {
     pub unstable: Vec<String>,
     /// Files skipped because the engine is installing them: look again later.
     pub claimed: Vec<String>,
+    /// Files found by the walk that still need hashing (empty once `scan` returns).
+    pub to_hash: Vec<HashJob>,
 }
 
 impl ScanOutcome {
@@ -150,6 +152,8 @@ pub fn scan(
             }
         }
     }
+    let jobs = std::mem::take(&mut out.to_hash);
+    hash_all(jobs, &mut out);
     out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
@@ -234,53 +238,129 @@ fn observe(
         out.claimed.push(rel);
         return None;
     }
-    let (hash, stat) = match ctx.cached_hash(&rel, &stat) {
-        Some(h) => (h, Some(stat)),
-        None => {
-            let started = SystemTime::now();
-            // Exactly the size that was stat'ed, so size and hash always describe
-            // the same bytes, even if the file grows meanwhile.
-            let hash = match ContentHash::of_file_prefix(&abs, stat.size) {
-                Ok(Some(h)) => h,
-                Ok(None) => {
-                    out.unstable.push(rel);
-                    return None;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-                Err(e) => {
-                    out.warnings.push(format!("skipped {rel}: {e}"));
-                    return None;
-                }
-            };
-            out.hashed_files += 1;
-            out.hashed_bytes += stat.size;
-            let after = abs.symlink_metadata().ok().map(|m| StatKey::of(&m));
-            let racy = meta
-                .modified()
-                .map(|m| {
-                    started
-                        .duration_since(m)
-                        .map_or(true, |age| age < RACY_WINDOW)
+    match ctx.cached_hash(&rel, &stat) {
+        Some(hash) => out.entries.push(Observed {
+            path: rel,
+            kind: Kind::File,
+            size: stat.size,
+            modified,
+            mode,
+            hash,
+            target: None,
+            stat: Some(stat),
+        }),
+        // Hashed after the walk, on several threads when there is much to hash.
+        None => out.to_hash.push(HashJob {
+            rel,
+            abs,
+            stat,
+            mtime: meta.modified().ok(),
+            modified,
+            mode,
+        }),
+    }
+    None
+}
+
+/// A file the cache could not prove unchanged.
+#[derive(Debug)]
+pub struct HashJob {
+    rel: String,
+    abs: PathBuf,
+    stat: StatKey,
+    mtime: Option<SystemTime>,
+    modified: Timestamp,
+    mode: u32,
+}
+
+/// Below this many bytes to hash, one thread does it (threads cost more).
+const PARALLEL_HASH_FROM: u64 = 4 << 20;
+
+/// Hashes every job into `out`: on up to 4 threads for large amounts.
+fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
+    let bytes: u64 = jobs.iter().map(|j| j.stat.size).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(jobs.len());
+    if threads < 2 || bytes < PARALLEL_HASH_FROM {
+        jobs.iter().for_each(|j| hash_one(j, out));
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let parts: Vec<std::thread::Result<ScanOutcome>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut part = ScanOutcome::default();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else { break };
+                        hash_one(job, &mut part);
+                    }
+                    part
                 })
-                .unwrap_or(true);
-            if after != Some(stat) {
-                out.unstable.push(rel.clone());
-            }
-            let trusted = after == Some(stat) && !racy;
-            (hash, trusted.then_some(stat))
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join()).collect()
+    });
+    if parts.iter().any(|p| p.is_err()) {
+        // Never return a partial result (missing files would read as deleted):
+        // do it all again here.
+        jobs.iter().for_each(|j| hash_one(j, out));
+        return;
+    }
+    for part in parts.into_iter().flatten() {
+        out.entries.extend(part.entries);
+        out.warnings.extend(part.warnings);
+        out.unstable.extend(part.unstable);
+        out.hashed_files += part.hashed_files;
+        out.hashed_bytes += part.hashed_bytes;
+    }
+}
+
+fn hash_one(job: &HashJob, out: &mut ScanOutcome) {
+    let (rel, stat) = (&job.rel, job.stat);
+    let started = SystemTime::now();
+    // Exactly the size that was stat'ed, so size and hash always describe the same
+    // bytes, even if the file grows meanwhile.
+    let hash = match ContentHash::of_file_prefix(&job.abs, stat.size) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            out.unstable.push(rel.clone());
+            return;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            out.warnings.push(format!("skipped {rel}: {e}"));
+            return;
         }
     };
+    out.hashed_files += 1;
+    out.hashed_bytes += stat.size;
+    let after = job.abs.symlink_metadata().ok().map(|m| StatKey::of(&m));
+    let racy = job
+        .mtime
+        .map(|m| {
+            started
+                .duration_since(m)
+                .map_or(true, |age| age < RACY_WINDOW)
+        })
+        .unwrap_or(true);
+    if after != Some(stat) {
+        out.unstable.push(rel.clone());
+    }
+    let trusted = after == Some(stat) && !racy;
     out.entries.push(Observed {
-        path: rel,
+        path: rel.clone(),
         kind: Kind::File,
-        size: stat.as_ref().map_or(meta.len(), |s| s.size),
-        modified,
-        mode,
+        size: stat.size,
+        modified: job.modified,
+        mode: job.mode,
         hash,
         target: None,
-        stat,
+        stat: trusted.then_some(stat),
     });
-    None
 }
 
 #[cfg(test)]
