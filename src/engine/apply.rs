@@ -397,11 +397,15 @@ async fn finish_pending(
     if waiting.is_empty() {
         return ready;
     }
+    let pending: Vec<Pending> = waiting
+        .iter_mut()
+        .filter_map(|d| d.pending.take())
+        .collect();
+    let n = pending.len();
     let root = engine.root.clone();
-    let results = tokio::task::spawn_blocking(move || {
-        let pending: Vec<&Pending> = waiting.iter().filter_map(|d| d.pending.as_ref()).collect();
+    let placed = tokio::task::spawn_blocking(move || {
         let synced = sync_all_pending(&root, &pending);
-        let placed: Vec<Result<StatKey, String>> = pending
+        pending
             .iter()
             .map(|p| match &synced {
                 Ok(()) => p.target.place_synced(&p.tmp),
@@ -410,22 +414,20 @@ async fn finish_pending(
                     Err(e.clone())
                 }
             })
-            .collect();
-        for (d, r) in waiting.iter_mut().zip(&placed) {
-            d.pending = None;
-            if let (Ok(stat), Some(u)) = (r, d.updates.first_mut()) {
-                u.stat = Some(*stat);
-            }
-        }
-        (waiting, placed)
+            .collect::<Vec<_>>()
     })
-    .await;
-    let Ok((waiting, placed)) = results else {
-        return ready;
-    };
-    for (d, r) in waiting.into_iter().zip(placed) {
+    .await
+    // A failed blocking task installed nothing we can vouch for: every file of
+    // it is retried.
+    .unwrap_or_else(|e| vec![Err(format!("installing received files: {e}")); n]);
+    for (mut d, r) in waiting.into_iter().zip(placed) {
         match r {
-            Ok(_) => ready.push(d),
+            Ok(stat) => {
+                if let Some(u) = d.updates.first_mut() {
+                    u.stat = Some(stat);
+                }
+                ready.push(d)
+            }
             Err(e) => {
                 let remote = d.updates.into_iter().next().map(|u| u.record);
                 fail(engine, peer, remote, e, applied);
@@ -436,7 +438,7 @@ async fn finish_pending(
 }
 
 /// Flushes the temp files: one `syncfs` for many, an fsync each for a few.
-fn sync_all_pending(root: &Path, pending: &[&Pending]) -> Result<(), String> {
+fn sync_all_pending(root: &Path, pending: &[Pending]) -> Result<(), String> {
     if pending.len() >= SYNCFS_FROM {
         let dir = File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
         return rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"));
@@ -1148,11 +1150,7 @@ impl Target {
         let written = file
             .write_all(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|_| {
-                file.set_permissions(Permissions::from_mode(self.mode))
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|_| file.set_modified(self.modified).map_err(|e| e.to_string()));
+            .and_then(|_| self.set_metadata(&file));
         match written {
             Ok(()) => Ok(tmp),
             Err(e) => {
@@ -1220,25 +1218,21 @@ impl Target {
     /// target is still what the index says (blocking). The temp file is removed on
     /// any failure.
     fn place(&self, tmp: &Path, file: File) -> Result<StatKey, String> {
-        let abs = self.rel.to_path(&self.root);
-        let local = self.local.as_ref();
-        let placed = (|| {
-            file.set_permissions(Permissions::from_mode(self.mode))
-                .map_err(|e| e.to_string())?;
-            file.set_modified(self.modified)
-                .map_err(|e| e.to_string())?;
-            file.sync_all().map_err(|e| e.to_string())?;
-            check_unchanged(&abs, local)?;
-            clear_for_kind_change(&abs, local, Kind::File)?;
-            fs::rename(tmp, &abs).map_err(|e| format!("installing {}: {e}", self.rel))
-        })();
-        if let Err(e) = placed {
+        if let Err(e) = self
+            .set_metadata(&file)
+            .and_then(|_| file.sync_all().map_err(|e| e.to_string()))
+        {
             let _ = fs::remove_file(tmp);
             return Err(e);
         }
-        abs.symlink_metadata()
-            .map(|m| StatKey::of(&m))
-            .map_err(|e| e.to_string())
+        self.place_synced(tmp)
+    }
+
+    /// The record's mode and mtime on the temp file.
+    fn set_metadata(&self, file: &File) -> Result<(), String> {
+        file.set_permissions(Permissions::from_mode(self.mode))
+            .map_err(|e| e.to_string())?;
+        file.set_modified(self.modified).map_err(|e| e.to_string())
     }
 }
 
