@@ -54,11 +54,12 @@ pub enum TransferError {
 /// in `CHUNK`s with bounded memory.
 pub const SMALL_FILE: u64 = 256 * 1024;
 
-/// What the sender found for a small file: its bytes, or why it refuses.
-enum Small {
+/// What the sender found for a requested version: a small file read whole, a large
+/// one opened to stream, or why it refuses.
+enum Found {
     Bytes(Vec<u8>),
+    Open(File, u64),
     Refuse(String),
-    Large,
 }
 
 /// Answers a peer's `FetchRequest`: the file, if it is still at `hash`.
@@ -73,67 +74,21 @@ pub async fn serve_fetch(
         Ok(r) => r,
         Err(e) => return write_message(send, &refuse(e.to_string())).await,
     };
-    // Small files: index check and read in one blocking call.
-    let small = {
-        let (me, p, abs) = (engine.clone(), path.clone(), rel.to_path(&engine.root));
-        tokio::task::spawn_blocking(move || read_small(&me, &p, &abs, hash)).await
+    // Index check, open (and, for a small file, read) in one blocking call.
+    let found = {
+        let (me, abs) = (engine.clone(), rel.to_path(&engine.root));
+        tokio::task::spawn_blocking(move || find_version(&me, &path, &abs, hash)).await
     };
-    match small {
-        Ok(Small::Bytes(bytes)) => {
-            write_message(
-                send,
-                &Message::FileHeader {
-                    size: bytes.len() as u64,
-                },
-            )
-            .await?;
+    let (mut file, size) = match found {
+        Ok(Found::Bytes(bytes)) => {
+            let size = bytes.len() as u64;
+            write_message(send, &Message::FileHeader { size }).await?;
             return send.write_all(&bytes).await.map_err(StreamError::Write);
         }
-        Ok(Small::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
-        Ok(Small::Large) | Err(_) => {}
-    }
-    let current = engine.with_store({
-        let p = path.clone();
-        move |s| s.get(&p)
-    });
-    let current = match current.await {
-        Ok(Ok(Some(e))) => e.record,
-        _ => return write_message(send, &refuse(format!("{path} is not in the index"))).await,
+        Ok(Found::Open(file, size)) => (file, size),
+        Ok(Found::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
+        Err(e) => return write_message(send, &refuse(e.to_string())).await,
     };
-    if current.deleted || current.kind != Kind::File || current.hash != hash {
-        return write_message(
-            send,
-            &refuse(format!("{path} is no longer at that version")),
-        )
-        .await;
-    }
-    let abs = rel.to_path(&engine.root);
-    // Never follow a link: only a regular file inside the tree is served.
-    let file = match abs.symlink_metadata() {
-        Ok(m) if m.is_file() => File::open(&abs),
-        Ok(_) => {
-            return write_message(send, &refuse(format!("{path} is not a regular file"))).await
-        }
-        Err(e) => Err(e),
-    };
-    let mut file = match file {
-        Ok(f) => f,
-        Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
-    };
-    // Exactly the indexed size: a file that only grew since still serves the
-    // indexed version (the receiver verifies the hash); one that shrank cannot.
-    let size = current.size;
-    match file.metadata() {
-        Ok(m) if m.len() >= size => {}
-        Ok(_) => {
-            return write_message(
-                send,
-                &refuse(format!("{path} is no longer at that version")),
-            )
-            .await
-        }
-        Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
-    }
     write_message(send, &Message::FileHeader { size }).await?;
     let mut left = size;
     let mut buf = vec![0u8; CHUNK];
@@ -155,35 +110,45 @@ pub async fn serve_fetch(
     Ok(())
 }
 
-/// The content of a small indexed file at `hash`, read whole; `Large` if it is not
-/// small (then it is streamed).
-fn read_small(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Small {
+/// The indexed file `path` if it is still at `hash`: read whole if small, opened to
+/// stream otherwise. Exactly the indexed size is served: a file that only grew since
+/// still serves the indexed version (the receiver verifies the hash); one that
+/// shrank cannot. Links are never followed.
+fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Found {
     let current = {
         let store = engine.store.lock().unwrap_or_else(|p| p.into_inner());
         store.get(path)
     };
     let current = match current {
         Ok(Some(e)) => e.record,
-        _ => return Small::Refuse(format!("{path} is not in the index")),
+        _ => return Found::Refuse(format!("{path} is not in the index")),
     };
+    let moved_on = || Found::Refuse(format!("{path} is no longer at that version"));
     if current.deleted || current.kind != Kind::File || current.hash != hash {
-        return Small::Refuse(format!("{path} is no longer at that version"));
-    }
-    if current.size > SMALL_FILE {
-        return Small::Large;
+        return moved_on();
     }
     let file = match abs.symlink_metadata() {
         Ok(m) if m.is_file() => File::open(abs),
-        Ok(_) => return Small::Refuse(format!("{path} is not a regular file")),
+        Ok(_) => return Found::Refuse(format!("{path} is not a regular file")),
         Err(e) => Err(e),
     };
-    let mut bytes = Vec::with_capacity(current.size as usize);
-    match file.and_then(|f| f.take(current.size).read_to_end(&mut bytes)) {
-        // Exactly the indexed size, checked like the streamed path: a file that
-        // shrank cannot serve this version (the receiver verifies the hash).
-        Ok(n) if n as u64 == current.size => Small::Bytes(bytes),
-        Ok(_) => Small::Refuse(format!("{path} is no longer at that version")),
-        Err(e) => Small::Refuse(format!("{path}: {e}")),
+    let size = current.size;
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return Found::Refuse(format!("{path}: {e}")),
+    };
+    if size > SMALL_FILE {
+        return match file.metadata() {
+            Ok(m) if m.len() >= size => Found::Open(file, size),
+            Ok(_) => moved_on(),
+            Err(e) => Found::Refuse(format!("{path}: {e}")),
+        };
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    match file.take(size).read_to_end(&mut bytes) {
+        Ok(n) if n as u64 == size => Found::Bytes(bytes),
+        Ok(_) => moved_on(),
+        Err(e) => Found::Refuse(format!("{path}: {e}")),
     }
 }
 
