@@ -291,6 +291,11 @@ impl Engine {
                 tracing::warn!("{}: {e}", self.name);
             }
         }
+        // The index is only asked again after a release (or at start): nothing can
+        // become due otherwise.
+        if !self.resume_releases.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
         let pending = self
             .with_store(|s| -> Result<Vec<String>, StoreError> {
                 let mut paths: Vec<String> = s
@@ -304,13 +309,7 @@ impl Engine {
             })
             .await??;
         // A directory's queued deletion waits until nothing below it is locked.
-        let locked: Vec<String> = self
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let locked = self.locked_paths();
         let pending = pending.into_iter().filter(|p| {
             !locked
                 .iter()
@@ -328,6 +327,9 @@ impl Engine {
     /// then removes the lock once the queue is empty and no update of the path is in
     /// flight. The caller holds `releases`.
     async fn release(self: &Arc<Self>, path: &str, why: &str) -> Result<(u32, u32), LockError> {
+        // Whatever happens here (a failure to retry, a directory queue that no
+        // longer waits for this lock), the next tick looks again.
+        self.resume_releases.store(true, Ordering::Relaxed);
         let (mut queued, mut applied) = (0u32, 0u32);
         let p = path.to_string();
         // A directory's queue (a deletion that waited for a lock below it) has no

@@ -94,6 +94,9 @@ pub struct Engine {
     written: Mutex<HashMap<String, Option<StatKey>>>,
     /// Held while a lock's queue is applied: one release at a time.
     releases: tokio::sync::Mutex<()>,
+    /// Set at start and by every release: interrupted or newly possible releases
+    /// (locks marked releasing, queues without a lock) are looked for once.
+    resume_releases: std::sync::atomic::AtomicBool,
     /// Transfers running and waiting, for status.
     pub(crate) transfers: transfer::Counters,
     /// A handle on ourselves for delayed work; never keeps the engine alive.
@@ -181,6 +184,7 @@ impl Engine {
             staging,
             written: Mutex::default(),
             releases: tokio::sync::Mutex::new(()),
+            resume_releases: std::sync::atomic::AtomicBool::new(true),
             transfers: transfer::Counters::default(),
             me: me.clone(),
         }))
@@ -259,6 +263,12 @@ impl Engine {
     ) -> HashSet<String> {
         let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         guard.add(paths);
+        locks.keys().cloned().collect()
+    }
+
+    /// Every locked path.
+    pub(crate) fn locked_paths(&self) -> Vec<String> {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.keys().cloned().collect()
     }
 
