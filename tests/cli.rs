@@ -39,6 +39,24 @@ impl NodeProc {
         NodeProc { child, log }
     }
 
+    /// Node `name` syncing `dir` with the certificates in `certs`, on an ephemeral
+    /// loopback port, plus `extra` arguments.
+    fn node(dir: &std::path::Path, certs: &str, name: &str, extra: &[&str]) -> NodeProc {
+        let dir = dir.to_str().unwrap();
+        let mut args = vec![
+            "--dir",
+            dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            certs,
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        NodeProc::spawn(&args, &[])
+    }
+
     /// Waits for a log line containing `needle` and returns it.
     fn wait_for(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -128,21 +146,8 @@ fn certs_two_nodes_and_ls_json() {
     common::write(&da, "shared.txt", b"same");
     common::write(&db, "shared.txt", b"same");
     common::write(&db, "sub dir/only b.txt", b"bee");
-    let a = NodeProc::spawn(
-        &[
-            "--dir",
-            da.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            certs_s,
-            "--name",
-            "a",
-            // Send-only (both nodes): this test checks the listing of diverging trees.
-            "--send-only",
-        ],
-        &[],
-    );
+    // Send-only (both nodes): this test checks the listing of diverging trees.
+    let a = NodeProc::node(&da, certs_s, "a", &["--send-only"]);
     let a_addr = a.addr();
     // b is configured through environment variables only.
     let b = NodeProc::spawn(
@@ -248,21 +253,7 @@ fn user_errors_print_one_clear_line() {
     // --strict turns an unreachable peer into a failure, after printing the listing.
     let da = tmp.path().join("a");
     common::write(&da, "f", b"1");
-    let a = NodeProc::spawn(
-        &[
-            "--dir",
-            da.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            certs_s,
-            "--name",
-            "a",
-            "--peer",
-            &nobody,
-        ],
-        &[],
-    );
+    let a = NodeProc::node(&da, certs_s, "a", &["--peer", &nobody]);
     let addr = a.addr();
     let relaxed = cli(&["--server", &addr, "--certs", certs_s, "ls"]);
     assert!(relaxed.status.success());
@@ -321,35 +312,9 @@ fn status_and_watch_show_what_a_node_does() {
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
     std::fs::create_dir_all(&db).unwrap();
-    let a = NodeProc::spawn(
-        &[
-            "--dir",
-            da.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            certs_s,
-            "--name",
-            "a",
-        ],
-        &[],
-    );
+    let a = NodeProc::node(&da, certs_s, "a", &[]);
     let addr = a.addr();
-    let b = NodeProc::spawn(
-        &[
-            "--dir",
-            db.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            certs_s,
-            "--name",
-            "b",
-            "--peer",
-            &addr,
-        ],
-        &[],
-    );
+    let b = NodeProc::node(&db, certs_s, "b", &["--peer", &addr]);
     a.wait_for("peer b connected");
 
     // watch: start streaming, then make b receive a file.
@@ -407,22 +372,6 @@ fn status_and_watch_show_what_a_node_does() {
     assert!(human.contains("peer b: connected since"), "{human}");
 }
 
-/// `dirsync-node` arguments for node `name` syncing `dir`, on an ephemeral port.
-fn node_args(dir: &std::path::Path, certs: &str, name: &str) -> Vec<String> {
-    [
-        "--dir",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--certs",
-        certs,
-        "--name",
-        name,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 #[test]
 fn lock_by_index_and_by_path_from_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
@@ -433,8 +382,7 @@ fn lock_by_index_and_by_path_from_the_binary() {
     std::fs::create_dir_all(&da).unwrap();
     std::fs::write(da.join("alpha.txt"), b"a").unwrap();
     std::fs::write(da.join("beta.txt"), b"b").unwrap();
-    let args = node_args(&da, certs_s, "a");
-    let a = NodeProc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let a = NodeProc::node(&da, certs_s, "a", &[]);
     let addr = a.addr();
     let run = |extra: &[&str]| {
         let mut all = vec!["--server", addr.as_str(), "--certs", certs_s];
