@@ -35,9 +35,7 @@ async fn wait_staged(log: &EventLog, path: &str, n: usize) {
 async fn versions_staged_while_locked_are_applied_in_order_on_unlock() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     write(&da, "doc.txt", b"original");
     wait_content(&db, "doc.txt", b"original").await;
 
@@ -88,9 +86,7 @@ async fn versions_staged_while_locked_are_applied_in_order_on_unlock() {
 async fn a_deletion_while_locked_waits_for_the_unlock() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     write(&da, "keep/me.txt", b"still here");
     wait_content(&db, "keep/me.txt", b"still here").await;
     let cli = env.client(&a).await;
@@ -114,9 +110,7 @@ async fn a_deletion_while_locked_waits_for_the_unlock() {
 async fn edits_on_both_sides_while_locked_lose_nothing() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     write(&da, "notes.txt", b"base");
     wait_content(&db, "notes.txt", b"base").await;
     let cli = env.client(&a).await;
@@ -247,9 +241,7 @@ async fn only_the_owner_unlocks_unless_an_admin_forces() {
 async fn a_lock_whose_ttl_expires_is_released_and_its_queue_applied() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     write(&da, "t.txt", b"before");
     wait_content(&db, "t.txt", b"before").await;
     let cli = env.client(&a).await;
@@ -277,9 +269,7 @@ async fn a_lock_whose_ttl_expires_is_released_and_its_queue_applied() {
 async fn a_tree_deleted_around_a_locked_file_goes_after_the_unlock() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     write(&da, "proj/src/locked.rs", b"fn main() {}");
     write(&da, "proj/src/other.rs", b"// other");
     write(&da, "proj/README", b"readme");

@@ -48,9 +48,7 @@ async fn add_modify_delete_dirs_and_empty_dirs() {
 async fn rename_is_a_local_move_not_a_transfer() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     let content = vec![42u8; 300_000];
     write(&da, "docs/old name.bin", &content);
     wait_content(&db, "docs/old name.bin", &content).await;
@@ -81,9 +79,7 @@ async fn rename_is_a_local_move_not_a_transfer() {
 async fn symlinks_are_synced_as_links_and_the_exec_bit_travels() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     std::os::unix::fs::symlink("../../../../etc/passwd", da.join("outside")).unwrap();
     std::os::unix::fs::symlink("script.sh", da.join("inside")).unwrap();
     write(&da, "script.sh", b"#!/bin/sh\necho hi\n");
@@ -231,9 +227,7 @@ async fn a_large_file_growing_in_place_arrives_whole() {
 async fn large_file(in_place: bool) {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     let log = EventLog::of(&b);
     {
         use std::io::Write;
@@ -283,9 +277,7 @@ async fn large_file(in_place: bool) {
 async fn bulk_create_and_delete_of_ten_thousand_files() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let b = env.start("b", &[a.local_addr()]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, b) = env.pair().await;
     for i in 0..10_000 {
         write(
             &da,

@@ -63,6 +63,14 @@ impl TestEnv {
             .expect("node starts")
     }
 
+    /// Nodes `a` and `b` (b dials a), once both see the session.
+    pub async fn pair(&self) -> (NodeHandle, NodeHandle) {
+        let a = self.start("a", &[]).await;
+        let b = self.start("b", &[a.local_addr()]).await;
+        wait_connected(&[&a, &b]).await;
+        (a, b)
+    }
+
     /// A node that serves and lists but never applies peers' changes, so that
     /// listings of diverging trees stay as they are.
     pub async fn start_send_only(&self, name: &str, peers: &[SocketAddr]) -> NodeHandle {
