@@ -1063,24 +1063,19 @@ async fn install_file(
     let abs = rel.to_path(&engine.root);
     let started = Instant::now();
     let content = match (local_source, source) {
-        (Some(src), _) => Content::Copy(rel_abs(&engine.root, src)?),
-        (None, Source::Staged(staged)) => Content::Copy(staged.clone()),
+        (Some(src), _) => Content::Ready(Ready::Copy(rel_abs(&engine.root, src)?)),
+        (None, Source::Staged(staged)) => Content::Ready(Ready::Copy(staged.clone())),
         // A small file arrives whole, then touches the disk in one blocking call.
-        (None, Source::Peer(conn)) if remote.size <= transfer::SMALL_FILE => Content::Bytes(
-            transfer::fetch_small(conn, &remote.path, remote.hash, remote.size)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
+        (None, Source::Peer(conn)) if remote.size <= transfer::SMALL_FILE => {
+            Content::Ready(Ready::Bytes(
+                transfer::fetch_small(conn, &remote.path, remote.hash, remote.size)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ))
+        }
         (None, Source::Peer(conn)) => Content::Stream(conn.clone()),
     };
-    let target = Target {
-        root: engine.root.clone(),
-        rel,
-        mode: remote.mode & 0o777,
-        modified: system_time(remote.modified),
-        hash: remote.hash,
-        local: local.cloned(),
-    };
+    let target = Target::of(&engine.root, remote, local.cloned())?;
     let (stat, bytes) = match content {
         Content::Stream(conn) => {
             let (tmp, mut file) = target.create_temp()?;
@@ -1098,7 +1093,7 @@ async fn install_file(
                 }
             }
         }
-        other => tokio::task::spawn_blocking(move || target.write(other))
+        Content::Ready(ready) => tokio::task::spawn_blocking(move || target.write(ready))
             .await
             .map_err(|e| e.to_string())??,
     };
@@ -1112,12 +1107,18 @@ async fn install_file(
 
 /// Where a file's content comes from.
 enum Content {
+    /// At hand: written in one blocking call.
+    Ready(Ready),
+    /// A large file, streamed from the peer into the temp file.
+    Stream(Connection),
+}
+
+/// Content at hand, without the network.
+enum Ready {
     /// A local file (a copy with the same hash, or a staged version), verified.
     Copy(PathBuf),
     /// A small file already received and verified.
     Bytes(Vec<u8>),
-    /// A large file, streamed from the peer into the temp file.
-    Stream(Connection),
 }
 
 /// A file about to be installed, with what must still be true to install it.
@@ -1193,17 +1194,16 @@ impl Target {
     }
 
     /// Writes `content` to a temp file and places it (blocking).
-    fn write(self, content: Content) -> Result<(StatKey, u64), String> {
+    fn write(self, content: Ready) -> Result<(StatKey, u64), String> {
         let (tmp, mut file) = self.create_temp()?;
         let written = match content {
-            Content::Copy(src) => {
+            Ready::Copy(src) => {
                 transfer::copy_local(&src, self.hash, &mut file).map_err(|e| e.to_string())
             }
-            Content::Bytes(bytes) => file
+            Ready::Bytes(bytes) => file
                 .write_all(&bytes)
                 .map(|_| bytes.len() as u64)
                 .map_err(|e| e.to_string()),
-            Content::Stream(_) => Err("a stream is not written here".to_string()),
         };
         match written {
             Ok(n) => self.place(&tmp, file).map(|stat| (stat, n)),
