@@ -63,16 +63,37 @@ async fn wait_connected(a: &NodeHandle, b: &NodeHandle) {
     }
 }
 
-/// Waits until `b` indexes as many files and bytes as `a`.
-async fn wait_caught_up(a: &NodeHandle, b: &NodeHandle, limit: Duration) -> bool {
+/// Waits until `b` indexes as many files and bytes as `a`. Counting is a scan of
+/// b's index (it holds b's store while it runs), so it is done only once b has
+/// reported as many installed files as `a` has, or every 100 ms as a fallback.
+async fn wait_caught_up(
+    a: &NodeHandle,
+    b: &NodeHandle,
+    mut events: tokio::sync::broadcast::Receiver<dirsync::events::Event>,
+    limit: Duration,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
     let want = a.engine().totals().await.expect("totals");
     let deadline = Instant::now() + limit;
+    let mut installed = 0u64;
+    let mut last_check = Instant::now();
     while Instant::now() < deadline {
-        if b.engine().totals().await.expect("totals") == want {
-            return true;
+        let check = match tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
+            Ok(Ok(e)) => {
+                if matches!(e.event, EventKind::Received | EventKind::CopiedLocally) {
+                    installed += 1;
+                }
+                installed >= want.0 || last_check.elapsed() > Duration::from_millis(100)
+            }
+            Ok(Err(RecvError::Lagged(_))) | Err(_) => true,
+            Ok(Err(RecvError::Closed)) => return false,
+        };
+        if check {
+            if b.engine().totals().await.expect("totals") == want {
+                return true;
+            }
+            last_check = Instant::now();
         }
-        // Counting is a scan of b's index: polling it too often slows b down.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
 }
@@ -91,6 +112,22 @@ fn gen(what: &str, dir: &Path) {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "workload generator {} failed", script.display());
+}
+
+/// CPU time (user + system) this process has used so far, from /proc (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at state.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the state.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn time_cmd(cmd: &mut Command) -> Option<Duration> {
@@ -180,13 +217,15 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         bench.dir(&format!("{what}-b")),
     );
     gen(what, &da);
+    let cpu = cpu_seconds();
     let t = Instant::now();
     let a = node::start(bench.config("a", &da, &[])).await.expect("a");
     let indexed = t.elapsed();
     let b_config = bench.config("b", &db, &[&a]);
     let b = node::start(b_config.clone()).await.expect("b");
-    let ok = wait_caught_up(&a, &b, Duration::from_secs(600)).await;
+    let ok = wait_caught_up(&a, &b, b.events(), Duration::from_secs(600)).await;
     let ours = t.elapsed();
+    let cpu = cpu_seconds() - cpu;
     println!(
         "  (a indexed its tree in {:.3} s; b caught up {:.3} s later)",
         indexed.as_secs_f64(),
@@ -198,7 +237,7 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         bytes as f64 / 1e6
     );
     println!(
-        "  dirsync (start both nodes, hash, sync, fsync): {:.3} s{}",
+        "  dirsync (start both nodes, hash, sync, fsync): {:.3} s, {cpu:.2} s of CPU for both nodes{}",
         ours.as_secs_f64(),
         if ok { "" } else { " (DID NOT FINISH)" }
     );
@@ -253,7 +292,16 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(
+            std::env::var("MBT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(512),
+        )
+        .build()
+        .expect("runtime");
     let bench = Bench::new();
     rt.block_on(async {
         if want("latency") {

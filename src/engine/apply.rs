@@ -1036,7 +1036,11 @@ fn temp_name(abs: &Path) -> PathBuf {
         .chars()
         .take(100)
         .collect();
-    parent_of(abs).join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()))
+    // The process id (asked once: it is a system call) keeps names unique across
+    // nodes sharing a tree by mistake; the counter, within this process.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
+    parent_of(abs).join(format!("{TEMP_PREFIX}{pid}-{n}-{name}"))
 }
 
 pub(super) fn system_time(t: Timestamp) -> SystemTime {

@@ -32,12 +32,16 @@ use crate::ignore::IgnoreRules;
 use crate::index::changes::{detect, within};
 use crate::index::scan::{self, ScanContext};
 use crate::index::{Entry, ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
+use crate::sync::record::Kind;
 use crate::wire::Timestamp;
 
 /// Name of the folder marker file inside `DIR/.dirsync/`.
 const MARKER: &str = "folder-id";
 /// When a file changed while it was hashed, it is scanned again after this long.
 const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+/// A scan naming more paths than this (after our own echoes are dropped) walks
+/// the whole tree instead.
+const FULL_SCAN_ABOVE: usize = 2000;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,9 @@ pub struct Engine {
     /// What the engine itself just wrote (path -> stat, `None` for a deletion):
     /// the watcher's events for it are recognised by a stat, without a scan.
     written: Mutex<HashMap<String, Option<StatKey>>>,
+    /// Paths a scan found claimed by an install: looked at again once the last
+    /// claim on each is released (taken after `installing`).
+    after_install: Mutex<HashSet<String>>,
     /// Held while a lock's queue is applied: one release at a time.
     releases: tokio::sync::Mutex<()>,
     /// Set at start and by every release: interrupted or newly possible releases
@@ -183,6 +190,7 @@ impl Engine {
             locks: Mutex::new(locked),
             staging,
             written: Mutex::default(),
+            after_install: Mutex::default(),
             releases: tokio::sync::Mutex::new(()),
             resume_releases: std::sync::atomic::AtomicBool::new(true),
             transfers: transfer::Counters::default(),
@@ -374,6 +382,41 @@ impl Engine {
         });
     }
 
+    /// Looks at `paths` again once no install claims them any more: a scan that
+    /// met them mid-install could not tell a local edit from the install itself.
+    /// Waiting for the release (instead of polling) keeps a bulk transfer from
+    /// rescanning its own files every few hundred milliseconds.
+    fn recheck_after_install(&self, paths: Vec<String>) {
+        let installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self.after_install.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = Vec::new();
+        for p in paths {
+            if installing.contains_key(&p) {
+                waiting.insert(p);
+            } else {
+                now.push(p);
+            }
+        }
+        drop(waiting);
+        drop(installing);
+        self.scan_soon(now);
+    }
+
+    /// Scans `paths` (as a background task), if there are any.
+    fn scan_soon(&self, paths: Vec<String>) {
+        if paths.is_empty() {
+            return;
+        }
+        let (Ok(rt), Some(me)) = (tokio::runtime::Handle::try_current(), self.me.upgrade()) else {
+            return; // no runtime (shutting down): the start-up scan covers it
+        };
+        rt.spawn(async move {
+            if let Err(e) = me.scan(Some(paths)).await {
+                tracing::debug!("{}: recheck: {e}", me.name);
+            }
+        });
+    }
+
     fn scan_blocking(&self, scopes: Option<&[String]>) -> Result<usize, EngineError> {
         if !self.marker_present() {
             let (files, _) = self
@@ -405,6 +448,9 @@ impl Engine {
             }
             kept
         });
+        // Many paths left after dropping our echoes: one walk of the tree is
+        // cheaper than as many scoped look-ups.
+        let scopes = scopes.filter(|list| list.len() <= FULL_SCAN_ABOVE);
         let mut entries: HashMap<String, Entry> = HashMap::new();
         {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -429,13 +475,14 @@ impl Engine {
         };
         let mut observed = Vec::new();
         let mut unstable = Vec::new();
+        let mut claimed = Vec::new();
         let roots: Vec<Option<&str>> = match &scopes {
             None => vec![None],
             Some(list) => list.iter().map(|s| Some(*s)).collect(),
         };
         for scope in roots {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
-            observed.extend(outcome.entries_logged(&self.name, &mut unstable));
+            observed.extend(outcome.entries_logged(&self.name, &mut unstable, &mut claimed));
         }
         let in_scope = |p: &str| {
             scopes
@@ -454,6 +501,7 @@ impl Engine {
         // checked both as file and as directory (`build/` only matches a dir).
         // A file that changed while hashed was not observed this time, but is not
         // deleted either: the recheck decides.
+        // (Claimed paths are skipped as being installed.)
         let unstable_set: HashSet<&str> = unstable.iter().map(String::as_str).collect();
         let skip = |p: &str| {
             installing.contains(p)
@@ -463,16 +511,20 @@ impl Engine {
         };
         // A local change to a path that is being installed is not versioned now
         // (the install would race it); look again once the install is over, so the
-        // change is never left unindexed until the next full rescan.
-        let deferred: Vec<String> = observed
+        // change is never left unindexed until the next full rescan. A directory
+        // only counts if it stopped being one or its mode changed: its mtime moves
+        // with every file installed into it, and rechecking it means walking it.
+        let deferred = observed
             .iter()
             .filter(|o| installing.contains(&o.path))
-            .filter(|o| o.stat.is_none() || entries.get(&o.path).and_then(|e| e.stat) != o.stat)
-            .map(|o| o.path.clone())
-            .collect();
-        if !deferred.is_empty() {
-            self.recheck_later(deferred);
-        }
+            .filter(|o| match (o.kind, entries.get(&o.path)) {
+                (Kind::Dir, None) => false,
+                (Kind::Dir, Some(e)) => e.record.kind != Kind::Dir || e.record.mode != o.mode,
+                (_, e) => o.stat.is_none() || e.and_then(|e| e.stat) != o.stat,
+            })
+            .map(|o| o.path.clone());
+        claimed.extend(deferred);
+        self.recheck_after_install(claimed);
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
         let mut changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
         drop(ignore);
@@ -585,13 +637,67 @@ impl Drop for InstallGuard {
             .installing
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self
+            .engine
+            .after_install
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut recheck = Vec::new();
         for p in &self.paths {
             if let Some(n) = map.get_mut(p) {
                 *n -= 1;
                 if *n == 0 {
                     map.remove(p);
+                    if waiting.remove(p) {
+                        recheck.push(p.clone());
+                    }
                 }
             }
+        }
+        drop(waiting);
+        drop(map);
+        self.engine.scan_soon(recheck);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn indexed(engine: &Arc<Engine>, path: &'static str) -> Option<Entry> {
+        engine
+            .with_store(move |s| s.get(path))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A scan that meets a path mid-install leaves it alone, and the path is looked
+    /// at again as soon as the install lets go of it, with no further event.
+    #[tokio::test]
+    async fn a_path_met_mid_install_is_rescanned_when_the_install_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        engine.scan(None).await.unwrap();
+        let claim = engine.claim(vec!["f.txt".to_string()]);
+        assert!(claim.busy.is_empty());
+        std::fs::write(root.join("f.txt"), b"written during an install").unwrap();
+        engine.scan(Some(vec!["f.txt".to_string()])).await.unwrap();
+        assert!(
+            indexed(&engine, "f.txt").await.is_none(),
+            "claimed: not indexed yet"
+        );
+        drop(claim.guard);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(e) = indexed(&engine, "f.txt").await {
+                assert_eq!(e.record.size, 25);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never rescanned");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 }

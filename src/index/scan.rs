@@ -59,13 +59,19 @@ pub struct ScanOutcome {
 }
 
 impl ScanOutcome {
-    /// The entries, after logging the warnings as `node`'s.
-    pub fn entries_logged(self, node: &str, unstable: &mut Vec<String>) -> Vec<Observed> {
+    /// The entries, after logging the warnings as `node`'s; the unstable and the
+    /// claimed paths go to the caller's lists.
+    pub fn entries_logged(
+        self,
+        node: &str,
+        unstable: &mut Vec<String>,
+        claimed: &mut Vec<String>,
+    ) -> Vec<Observed> {
         for w in &self.warnings {
             tracing::warn!("{node}: {w}");
         }
         unstable.extend(self.unstable);
-        unstable.extend(self.claimed);
+        claimed.extend(self.claimed);
         self.entries
     }
 }
@@ -279,11 +285,16 @@ const PARALLEL_HASH_FROM: u64 = 4 << 20;
 /// Hashes every job into `out`: on up to 4 threads for large amounts.
 fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     let bytes: u64 = jobs.iter().map(|j| j.stat.size).sum();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4)
-        .min(jobs.len());
-    if threads < 2 || bytes < PARALLEL_HASH_FROM {
+    if bytes < PARALLEL_HASH_FROM {
+        jobs.iter().for_each(|j| hash_one(j, out));
+        return;
+    }
+    // Asked once: `available_parallelism` reads cgroup files on every call, and
+    // small scoped scans run thousands of times during a bulk transfer.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cpus.min(4).min(jobs.len());
+    if threads < 2 {
         jobs.iter().for_each(|j| hash_one(j, out));
         return;
     }

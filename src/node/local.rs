@@ -12,8 +12,6 @@ use tokio::sync::mpsc;
 
 use crate::watch::{Batch, WatchConfig, Watcher};
 
-/// A watcher batch naming more paths than this is handled as one full rescan.
-const FULL_SCAN_ABOVE: usize = 2000;
 /// Rescan period when the watcher is missing or degraded.
 const DEGRADED_RESCAN: Duration = Duration::from_secs(30);
 
@@ -63,7 +61,7 @@ pub(crate) async fn watch_loop(shared: Arc<Shared>, watching: Watching) {
                 if batch.paths.contains(".dirsyncignore") {
                     engine.reload_ignore();
                     None
-                } else if batch.rescan || batch.paths.len() > FULL_SCAN_ABOVE {
+                } else if batch.rescan {
                     None
                 } else {
                     Some(batch.paths.into_iter().collect())
