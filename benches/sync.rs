@@ -292,16 +292,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(
-            std::env::var("MBT")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(512),
-        )
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let bench = Bench::new();
     rt.block_on(async {
         if want("latency") {
