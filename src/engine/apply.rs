@@ -655,13 +655,15 @@ pub(super) async fn run_step(
             let target = Target::of(&engine.root, &remote, local)?;
             let n = bytes.len() as u64;
             let dir = parent_of(&target.rel.to_path(&engine.root));
-            let tmp = tokio::task::spawn_blocking(move || {
-                target
-                    .write_unsynced(&bytes)
-                    .map(|tmp| Pending { tmp, target })
-            })
-            .await
-            .map_err(|e| e.to_string())??;
+            let tmp = engine
+                .small_io
+                .run(move || {
+                    target
+                        .write_unsynced(&bytes)
+                        .map(|tmp| Pending { tmp, target })
+                })
+                .await
+                .map_err(|e| e.to_string())??;
             Ok(Done {
                 updates: vec![Update {
                     record: remote.clone(),

@@ -15,6 +15,7 @@
 //!   unmounted directory being read as "everything was deleted".
 
 pub mod apply;
+pub mod io_queue;
 pub mod locks;
 pub mod session;
 pub mod transfer;
@@ -39,6 +40,8 @@ use crate::wire::Timestamp;
 const MARKER: &str = "folder-id";
 /// When a file changed while it was hashed, it is scanned again after this long.
 const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+/// Blocking workers for small-file reads and writes (page-cache work, mostly).
+const SMALL_IO_WORKERS: usize = 2;
 /// A scan naming more paths than this (after our own echoes are dropped) walks
 /// the whole tree instead.
 const FULL_SCAN_ABOVE: usize = 2000;
@@ -106,6 +109,8 @@ pub struct Engine {
     resume_releases: std::sync::atomic::AtomicBool,
     /// Transfers running and waiting, for status.
     pub(crate) transfers: transfer::Counters,
+    /// Where small files are read (to serve them) and written (when received).
+    pub(crate) small_io: io_queue::IoQueue,
     /// A handle on ourselves for delayed work; never keeps the engine alive.
     me: std::sync::Weak<Engine>,
 }
@@ -191,6 +196,7 @@ impl Engine {
             staging,
             written: Mutex::default(),
             after_install: Mutex::default(),
+            small_io: io_queue::IoQueue::new(SMALL_IO_WORKERS),
             releases: tokio::sync::Mutex::new(()),
             resume_releases: std::sync::atomic::AtomicBool::new(true),
             transfers: transfer::Counters::default(),

@@ -77,7 +77,10 @@ pub async fn serve_fetch(
     // Index check, open (and, for a small file, read) in one blocking call.
     let found = {
         let (me, abs) = (engine.clone(), rel.to_path(&engine.root));
-        tokio::task::spawn_blocking(move || find_version(&me, &path, &abs, hash)).await
+        engine
+            .small_io
+            .run(move || find_version(&me, &path, &abs, hash))
+            .await
     };
     let (mut file, size) = match found {
         Ok(Found::Bytes(bytes)) => {
