@@ -437,12 +437,28 @@ impl Engine {
             });
         }
         // Nested scopes are covered by their ancestors; our own writes are not
-        // scanned again.
+        // scanned again; a file an install holds right now is looked at when the
+        // install lets go (a scan would only skip it). A directory is scanned now:
+        // it is cheapest while the install is still filling it.
+        let mut wait_for_install = Vec::new();
         let scopes: Option<Vec<&str>> = scopes.map(|list| {
+            let installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
             let mut sorted: Vec<&str> = list
                 .iter()
                 .map(String::as_str)
                 .filter(|p| !self.is_echo(p))
+                .filter(|p| {
+                    let held = installing.contains_key(*p)
+                        && !self
+                            .root
+                            .join(p)
+                            .symlink_metadata()
+                            .is_ok_and(|m| m.is_dir());
+                    if held {
+                        wait_for_install.push(p.to_string());
+                    }
+                    !held
+                })
                 .collect();
             sorted.sort_unstable();
             sorted.dedup();
@@ -454,6 +470,7 @@ impl Engine {
             }
             kept
         });
+        self.recheck_after_install(wait_for_install);
         // Many paths left after dropping our echoes: one walk of the tree is
         // cheaper than as many scoped look-ups.
         let scopes = scopes.filter(|list| list.len() <= FULL_SCAN_ABOVE);
