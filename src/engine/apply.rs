@@ -214,7 +214,20 @@ pub async fn apply_batch(
             (engine, peer, remote_of, r)
         });
     }
-    drain(&mut parallel, &mut done, &mut applied).await;
+    // Received files are synced, renamed and committed in chunks while the rest of
+    // the batch is still being fetched (the fetch tasks run on meanwhile), so
+    // neither side idles through a big batch's install at its end.
+    let mut waiting = 0;
+    while let Some(d) = next_done(&mut parallel, &mut applied).await {
+        waiting += usize::from(d.pending.is_some());
+        done.push(d);
+        if waiting >= COMMIT_EVERY {
+            waiting = 0;
+            let chunk = std::mem::take(&mut done);
+            let chunk = finish_pending(engine, peer, chunk, &mut applied).await;
+            commit(engine, peer, chunk, None, &mut applied, None, &by_path).await?;
+        }
+    }
     let done_files = std::mem::take(&mut done);
     done = finish_pending(engine, peer, done_files, &mut applied).await;
     run_in_order(
@@ -227,7 +240,16 @@ pub async fn apply_batch(
         &mut applied,
     )
     .await;
-    commit(engine, peer, done, progress, &mut applied, claim, &by_path).await?;
+    commit(
+        engine,
+        peer,
+        done,
+        progress,
+        &mut applied,
+        Some(claim),
+        &by_path,
+    )
+    .await?;
     Ok(applied)
 }
 
@@ -366,18 +388,25 @@ fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, appl
 /// A finished parallel step: who ran it, for which record, and how it went.
 type Finished = (Arc<Engine>, String, Option<Record>, Result<Done, String>);
 
-async fn drain(set: &mut JoinSet<Finished>, done: &mut Vec<Done>, applied: &mut Applied) {
+/// The next step of `set` that succeeded (failures are recorded on the way);
+/// `None` once all are done.
+async fn next_done(set: &mut JoinSet<Finished>, applied: &mut Applied) -> Option<Done> {
     while let Some(joined) = set.join_next().await {
         let Ok((engine, peer, remote, r)) = joined else {
             continue;
         };
         applied.steps += 1;
         match r {
-            Ok(d) => done.push(d),
+            Ok(d) => return Some(d),
             Err(e) => fail(&engine, &peer, remote, e, applied),
         }
     }
+    None
 }
+
+/// Received small files are installed and committed every this many, while the
+/// batch's other transfers go on.
+const COMMIT_EVERY: usize = 1024;
 
 /// Below this many received small files, each is fsynced on its own; from this
 /// many on, one `syncfs` flushes them all (one flush instead of one per file).
@@ -459,7 +488,7 @@ async fn commit(
     done: Vec<Done>,
     progress: Option<(IndexId, u64)>,
     applied: &mut Applied,
-    claim: super::InstallGuard,
+    claim: Option<super::InstallGuard>,
     batch: &Batch,
 ) -> Result<(), EngineError> {
     let dirs: BTreeSet<PathBuf> = done.iter().flat_map(|d| d.dirs.iter().cloned()).collect();
