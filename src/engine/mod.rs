@@ -376,16 +376,7 @@ impl Engine {
     /// Files still being written are looked at again shortly, even if no further
     /// event comes (the last write may have landed while they were hashed).
     fn recheck_later(&self, paths: Vec<String>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Some(me) = self.me.upgrade() else { return };
-        rt.spawn(async move {
-            tokio::time::sleep(RECHECK_AFTER).await;
-            if let Err(e) = me.scan(Some(paths)).await {
-                tracing::debug!("{}: recheck: {e}", me.name);
-            }
-        });
+        self.scan_after(paths, RECHECK_AFTER);
     }
 
     /// Looks at `paths` again once no install claims them any more: a scan that
@@ -408,8 +399,13 @@ impl Engine {
         self.scan_soon(now);
     }
 
-    /// Scans `paths` (as a background task), if there are any.
+    /// Scans `paths` now, as a background task.
     fn scan_soon(&self, paths: Vec<String>) {
+        self.scan_after(paths, std::time::Duration::ZERO);
+    }
+
+    /// Scans `paths` (if any) after `delay`, as a background task.
+    fn scan_after(&self, paths: Vec<String>, delay: std::time::Duration) {
         if paths.is_empty() {
             return;
         }
@@ -417,6 +413,9 @@ impl Engine {
             return; // no runtime (shutting down): the start-up scan covers it
         };
         rt.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             if let Err(e) = me.scan(Some(paths)).await {
                 tracing::debug!("{}: recheck: {e}", me.name);
             }
