@@ -350,10 +350,13 @@ async fn ignored_paths_are_neither_sent_nor_deleted_and_nodes_go_quiet() {
     let (sa, sb) = (a.engine().seq(), b.engine().seq());
     let (before_a, before_b) = (*sa.borrow(), *sb.borrow());
     tokio::time::sleep(Duration::from_millis(1500)).await; // an observation window, not a sync wait
+    let after = (*sa.borrow(), *sb.borrow());
     assert_eq!(
-        (*sa.borrow(), *sb.borrow()),
+        after,
         (before_a, before_b),
-        "index sequences moved after convergence"
+        "index sequences moved after convergence; a wrote {:?}, b wrote {:?}",
+        written_since(&da, before_a),
+        written_since(&db, before_b)
     );
     b.shutdown().await;
     a.shutdown().await;
@@ -398,4 +401,31 @@ async fn temp_files_of_an_interrupted_transfer_are_removed_at_start() {
         ["sub/real.txt"]
     );
     a.shutdown().await;
+}
+
+/// What `dir`'s index recorded after `seq` (path, seq, last modified by, deleted),
+/// read straight from its SQLite file, to say what moved when a test fails.
+fn written_since(dir: &std::path::Path, seq: u64) -> Vec<String> {
+    let db = dir.join(".dirsync/index.db");
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let rows = rusqlite::Connection::open_with_flags(&db, flags).and_then(|c| {
+        let mut stmt = c.prepare(
+            "SELECT path, seq, modified_by, deleted FROM files WHERE seq > ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([seq as i64], |r| {
+            Ok(format!(
+                "{} (seq {}, by {}{})",
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                if r.get::<_, bool>(3)? {
+                    ", deleted"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+    });
+    rows.unwrap_or_else(|e| vec![format!("(cannot read {}: {e})", db.display())])
 }
