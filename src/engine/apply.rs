@@ -77,8 +77,9 @@ pub(super) struct Done {
     pub(super) rescan: Vec<String>,
     /// Versions of locked paths, staged, to append to their queues.
     pub(super) enqueue: Vec<NewQueued>,
-    /// A small file written to its temp file but not yet fsynced or renamed: the
-    /// batch syncs all of them at once, then installs them ([`finish_pending`]).
+    /// A small file written to its temp file but not yet fsynced or renamed: they
+    /// are synced together, every `COMMIT_EVERY` and at the batch's end, then
+    /// installed ([`finish_pending`]).
     pub(super) pending: Option<Pending>,
 }
 
@@ -412,7 +413,7 @@ const COMMIT_EVERY: usize = 1024;
 /// many on, one `syncfs` flushes them all (one flush instead of one per file).
 const SYNCFS_FROM: usize = 8;
 
-/// Makes the batch's received small files durable at once, then renames each into
+/// Makes received small files durable at once, then renames each into
 /// place (if its target is still what the index says); a file that cannot be
 /// installed becomes a failed record, retried later.
 async fn finish_pending(
