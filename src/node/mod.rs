@@ -272,18 +272,45 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })
 }
 
+/// Socket buffer size asked for (the kernel caps it at `net.core.rmem_max` /
+/// `wmem_max`).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// The default UDP receive buffer (~200 KiB) overflows while a burst of 32
+/// transfers arrives faster than the receiver drains it, even on loopback: every
+/// lost datagram is a congestion event that halves the sending rate, and losses of
+/// large datagrams make MTU discovery fall back to 1200 bytes for a minute.
+fn enlarge_buffers(socket: &std::net::UdpSocket) {
+    let recv = rustix::net::sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER);
+    let send = rustix::net::sockopt::set_socket_send_buffer_size(socket, SOCKET_BUFFER);
+    if let Err(e) = recv.and(send) {
+        tracing::debug!("UDP socket buffers left at their defaults: {e}");
+    }
+}
+
 /// Binds a UDP endpoint. An unspecified IPv6 address (`:PORT`) falls back to IPv4
 /// on hosts without IPv6.
 fn bind(
     server_config: quinn::ServerConfig,
     addr: SocketAddr,
 ) -> Result<quinn::Endpoint, NodeError> {
-    match quinn::Endpoint::server(server_config.clone(), addr) {
+    let server = |addr: SocketAddr| {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        enlarge_buffers(&socket);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+        quinn::Endpoint::new(
+            crate::tls::endpoint_config(),
+            Some(server_config.clone()),
+            socket,
+            runtime,
+        )
+    };
+    match server(addr) {
         Ok(ep) => Ok(ep),
         Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
             let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
-            quinn::Endpoint::server(server_config, v4)
-                .map_err(|_| NodeError::Bind { addr, source: e })
+            server(v4).map_err(|_| NodeError::Bind { addr, source: e })
         }
         Err(source) => Err(NodeError::Bind { addr, source }),
     }
