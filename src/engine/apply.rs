@@ -99,6 +99,7 @@ pub async fn apply_batch(
     records: Vec<Record>,
     progress: Option<(IndexId, u64)>,
 ) -> Result<Applied, EngineError> {
+    engine.open_root_dir();
     // What this node ignores, it neither receives nor deletes.
     let records: Vec<Record> = records
         .into_iter()
@@ -682,7 +683,7 @@ pub(super) async fn run_step(
             let bytes = transfer::fetch_small(conn, &remote.path, remote.hash, remote.size)
                 .await
                 .map_err(|e| e.to_string())?;
-            let target = Target::of(&engine.root, &remote, local)?;
+            let target = Target::of(&engine, &remote, local)?;
             let n = bytes.len() as u64;
             let dir = parent_of(&target.rel.to_path(&engine.root));
             let tmp = engine
@@ -1058,6 +1059,17 @@ fn clear_for_kind_change(abs: &Path, local: Option<&Entry>, new_kind: Kind) -> R
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The process's umask, read once (from `/proc/self/status`: setting it to read it
+/// would race with other threads creating files); `None` if unknown.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
+
 /// A temporary name next to `abs`, never listed or synced.
 fn temp_name(abs: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -1111,7 +1123,7 @@ async fn install_file(
         }
         (None, Source::Peer(conn)) => Content::Stream(conn.clone()),
     };
-    let target = Target::of(&engine.root, remote, local.cloned())?;
+    let target = Target::of(engine, remote, local.cloned())?;
     let (stat, bytes) = match content {
         Content::Stream(conn) => {
             let (tmp, mut file) = target.create_temp()?;
@@ -1160,6 +1172,9 @@ enum Ready {
 /// A file about to be installed, with what must still be true to install it.
 struct Target {
     root: PathBuf,
+    /// The root, open: temp files are created relative to it (see
+    /// [`Target::create_temp`]).
+    root_dir: Option<Arc<rustix::fd::OwnedFd>>,
     rel: RelPath,
     mode: u32,
     modified: SystemTime,
@@ -1169,9 +1184,10 @@ struct Target {
 }
 
 impl Target {
-    fn of(root: &Path, remote: &Record, local: Option<Entry>) -> Result<Target, String> {
+    fn of(engine: &Engine, remote: &Record, local: Option<Entry>) -> Result<Target, String> {
         Ok(Target {
-            root: root.to_path_buf(),
+            root: engine.root.clone(),
+            root_dir: engine.root_dir(),
             rel: RelPath::parse(&remote.path).map_err(|e| e.to_string())?,
             mode: remote.mode & 0o777,
             modified: system_time(remote.modified),
@@ -1216,17 +1232,43 @@ impl Target {
             .map_err(|e| e.to_string())
     }
 
-    /// Creates the parents (never through a link) and a temp file beside the target.
+    /// Creates a temp file beside the target, with the target's mode (as far as
+    /// the umask lets), never through a link.
+    ///
+    /// The common case is one `openat2` below the root that the kernel refuses to
+    /// resolve through any symlink or out of the root. When that fails (a parent is
+    /// missing, something in the way is not a directory, or the kernel has no
+    /// `openat2`), the parents are checked one by one and created as needed, which
+    /// also says precisely what was in the way.
     fn create_temp(&self) -> Result<(PathBuf, File), String> {
-        ensure_parents(&self.root, &self.rel)?;
         let tmp = temp_name(&self.rel.to_path(&self.root));
+        if let Some(file) = self.create_beneath(&tmp) {
+            return Ok((tmp, file));
+        }
+        ensure_parents(&self.root, &self.rel)?;
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(self.mode)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
         Ok((tmp, file))
+    }
+
+    /// `tmp`, created with `openat2(root, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
+    fn create_beneath(&self, tmp: &Path) -> Option<File> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let dir = self.root_dir.as_ref()?;
+        let rel = tmp.strip_prefix(&self.root).ok()?;
+        rustix::fs::openat2(
+            dir,
+            rel,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(self.mode),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .ok()
+        .map(File::from)
     }
 
     /// Writes `content` to a temp file and places it (blocking).
@@ -1264,10 +1306,13 @@ impl Target {
         self.place_synced(tmp)
     }
 
-    /// The record's mode and mtime on the temp file.
+    /// The record's mode and mtime on the temp file (created with the mode: a
+    /// `chmod` is needed only where the umask took bits away).
     fn set_metadata(&self, file: &File) -> Result<(), String> {
-        file.set_permissions(Permissions::from_mode(self.mode))
-            .map_err(|e| e.to_string())?;
+        if umask().is_none_or(|m| self.mode & m != 0) {
+            file.set_permissions(Permissions::from_mode(self.mode))
+                .map_err(|e| e.to_string())?;
+        }
         file.set_modified(self.modified).map_err(|e| e.to_string())
     }
 }

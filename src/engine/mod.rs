@@ -81,6 +81,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 pub struct Engine {
     name: String,
     root: PathBuf,
+    /// The root directory, open (`O_PATH`), for creating files relative to it;
+    /// opened again by every batch (so a folder remounted meanwhile is the one
+    /// written to).
+    root_dir: RwLock<Option<Arc<rustix::fd::OwnedFd>>>,
     state_dir: PathBuf,
     /// (dev, inode) of directories never scanned: the state dir and the marker dir.
     excluded: Vec<(u64, u64)>,
@@ -185,6 +189,7 @@ impl Engine {
         Ok(Arc::new_cyclic(|me| Engine {
             name: name.to_string(),
             root: root.to_path_buf(),
+            root_dir: RwLock::new(None),
             state_dir: state_dir.to_path_buf(),
             excluded,
             store: Mutex::new(store),
@@ -284,6 +289,25 @@ impl Engine {
     pub(crate) fn locked_paths(&self) -> Vec<String> {
         let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.keys().cloned().collect()
+    }
+
+    /// Opens the root directory again for the files a batch creates (see
+    /// `apply::Target::create_temp`).
+    pub(crate) fn open_root_dir(&self) {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::open(&self.root, flags, Mode::empty())
+            .ok()
+            .map(Arc::new);
+        *self.root_dir.write().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// The root directory as the current batch opened it.
+    pub(crate) fn root_dir(&self) -> Option<Arc<rustix::fd::OwnedFd>> {
+        self.root_dir
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn is_claimed(&self, path: &str) -> bool {
