@@ -14,7 +14,7 @@ use super::Engine;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::sync::record::Kind;
-use crate::wire::io::{read_message, write_message, StreamError};
+use crate::wire::io::{read_message, write_message, write_message_and, StreamError};
 use crate::wire::Message;
 
 const CHUNK: usize = 256 * 1024;
@@ -85,8 +85,8 @@ pub async fn serve_fetch(
     let (mut file, size) = match found {
         Ok(Found::Bytes(bytes)) => {
             let size = bytes.len() as u64;
-            write_message(send, &Message::FileHeader { size }).await?;
-            return send.write_all(&bytes).await.map_err(StreamError::Write);
+            let header = Message::FileHeader { size };
+            return write_message_and(send, &header, bytes.into()).await;
         }
         Ok(Found::Open(file, size)) => (file, size),
         Ok(Found::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
@@ -94,18 +94,23 @@ pub async fn serve_fetch(
     };
     write_message(send, &Message::FileHeader { size }).await?;
     let mut left = size;
-    let mut buf = vec![0u8; CHUNK];
     while left > 0 {
+        // Each piece is read into a buffer of its own and handed to QUIC as it is
+        // (no copy into the stream's buffer).
         let want = (left as usize).min(CHUNK);
-        let n = match file.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => {
+        let mut buf = Vec::with_capacity(want);
+        let n = match Read::by_ref(&mut file)
+            .take(want as u64)
+            .read_to_end(&mut buf)
+        {
+            Ok(n) if n == want => n,
+            _ => {
                 // The file shrank under us: abort the stream, the receiver retries.
                 let _ = send.reset(1u32.into());
                 return Ok(());
             }
-            Ok(n) => n,
         };
-        send.write_all(&buf[..n])
+        send.write_chunk(buf.into())
             .await
             .map_err(StreamError::Write)?;
         left -= n as u64;

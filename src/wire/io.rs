@@ -29,6 +29,18 @@ pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), S
     Ok(())
 }
 
+/// Writes one frame followed by `data`, handing both to QUIC without copying
+/// (a small file and its header usually leave in one packet).
+pub async fn write_message_and(
+    send: &mut SendStream,
+    msg: &Message,
+    data: bytes::Bytes,
+) -> Result<(), StreamError> {
+    let frame = encode_frame(msg)?;
+    send.write_all_chunks(&mut [frame.into(), data]).await?;
+    Ok(())
+}
+
 /// Reads one frame. `Ok(None)` means the other side finished the stream cleanly
 /// between frames.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, StreamError> {
