@@ -330,6 +330,7 @@ impl Engine {
         // Whatever happens here (a failure to retry, a directory queue that no
         // longer waits for this lock), the next tick looks again.
         self.resume_releases.store(true, Ordering::Relaxed);
+        self.open_root_dir();
         let (mut queued, mut applied) = (0u32, 0u32);
         let p = path.to_string();
         // A directory's queue (a deletion that waited for a lock below it) has no
