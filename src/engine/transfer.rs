@@ -14,7 +14,7 @@ use super::Engine;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
 use crate::sync::record::Kind;
-use crate::wire::io::{read_message, write_message, write_message_and, StreamError};
+use crate::wire::io::{read_message, take_end, write_message, write_message_and, StreamError};
 use crate::wire::Message;
 
 const CHUNK: usize = 256 * 1024;
@@ -181,6 +181,7 @@ pub async fn fetch_small(
             }
         }
     }
+    take_end(&mut recv).await;
     if ContentHash::of(&bytes) != hash {
         return Err(TransferError::HashMismatch);
     }
@@ -250,6 +251,7 @@ pub async fn fetch(
             buf.clear();
         }
     }
+    take_end(&mut recv).await;
     if ContentHash(*hasher.finalize().as_bytes()) != hash {
         return Err(TransferError::HashMismatch);
     }

@@ -12,7 +12,7 @@ use crate::engine::transfer::serve_fetch;
 use crate::events::{Event, EventKind, NodeStatus};
 use crate::listing::merge;
 use crate::tls::{self, Identity, Role};
-use crate::wire::io::{read_message, write_message, StreamError};
+use crate::wire::io::{read_message, take_end, write_message, StreamError};
 use crate::wire::messages::chunk_by_size;
 use crate::wire::{FileEntry, Message, CHUNK_TARGET, PROTOCOL_VERSION};
 
@@ -101,7 +101,10 @@ async fn handle_stream(
     mut recv: RecvStream,
 ) {
     let request = match read_message(&mut recv).await {
-        Ok(Some(m)) => m,
+        Ok(Some(m)) => {
+            take_end(&mut recv).await;
+            m
+        }
         Ok(None) => return,
         Err(StreamError::Frame(e)) => {
             warn!(

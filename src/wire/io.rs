@@ -41,6 +41,18 @@ pub async fn write_message_and(
     Ok(())
 }
 
+/// Takes the end of `recv` if it has already arrived (it usually comes in the same
+/// packet as the last bytes), without waiting for it. A stream dropped before its
+/// end was read makes QUIC tell the other side to stop sending (a `STOP_SENDING`
+/// frame, and work on both sides) although it had finished: once per file
+/// transfer in each direction otherwise.
+pub async fn take_end(recv: &mut RecvStream) {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut end = std::pin::pin!(recv.read_chunk(1, true));
+    std::future::poll_fn(|cx| Poll::Ready(end.as_mut().poll(cx).is_ready())).await;
+}
+
 /// Reads one frame. `Ok(None)` means the other side finished the stream cleanly
 /// between frames.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, StreamError> {
