@@ -117,6 +117,9 @@ pub struct Engine {
     pub(crate) small_io: io_queue::IoQueue,
     /// A handle on ourselves for delayed work; never keeps the engine alive.
     me: std::sync::Weak<Engine>,
+    /// Run once between a scan's walk and its change detection (tests of races).
+    #[cfg(test)]
+    after_walk: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Looks up cached hashes in the index entries loaded for a scan.
@@ -206,6 +209,8 @@ impl Engine {
             resume_releases: std::sync::atomic::AtomicBool::new(true),
             transfers: transfer::Counters::default(),
             me: me.clone(),
+            #[cfg(test)]
+            after_walk: Mutex::default(),
         }))
     }
 
@@ -530,6 +535,15 @@ impl Engine {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
             observed.extend(outcome.entries_logged(&self.name, &mut unstable, &mut claimed));
         }
+        #[cfg(test)]
+        if let Some(hook) = self
+            .after_walk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            hook();
+        }
         let in_scope = |p: &str| {
             scopes
                 .as_ref()
@@ -548,9 +562,13 @@ impl Engine {
         // A file that changed while hashed was not observed this time, but is not
         // deleted either: the recheck decides.
         // (Claimed paths are skipped as being installed.)
+        // A path the walk met claimed was not observed, and must not be taken as
+        // deleted even if its install ended before `installing` was read above.
         let unstable_set: HashSet<&str> = unstable.iter().map(String::as_str).collect();
+        let claimed_set: HashSet<String> = claimed.iter().cloned().collect();
         let skip = |p: &str| {
             installing.contains(p)
+                || claimed_set.contains(p)
                 || unstable_set.contains(p)
                 || ignore.is_ignored(p, false)
                 || ignore.is_ignored(p, true)
@@ -745,5 +763,29 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never rescanned");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+    }
+
+    /// A file indexed as live, met claimed by the walk, whose install lets go
+    /// before the scan compares: it was not observed, and must not be taken as
+    /// deleted (seen in CI: the node then deleted a file it had just received).
+    #[tokio::test]
+    async fn a_claim_released_mid_scan_is_not_a_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        std::fs::write(root.join("f.txt"), b"installed").unwrap();
+        engine.scan(None).await.unwrap();
+        assert!(indexed(&engine, "f.txt")
+            .await
+            .is_some_and(|e| !e.record.deleted));
+        let claim = engine.claim(vec!["f.txt".to_string()]);
+        assert!(claim.busy.is_empty());
+        let guard = claim.guard;
+        *engine.after_walk.lock().unwrap() = Some(Box::new(move || drop(guard)));
+        engine.scan(None).await.unwrap();
+        assert!(engine.after_walk.lock().unwrap().is_none(), "hook ran");
+        let entry = indexed(&engine, "f.txt").await.unwrap();
+        assert!(!entry.record.deleted, "taken as deleted: {entry:?}");
     }
 }
