@@ -193,8 +193,15 @@ fn dominated(local: &Record, remote: &Record) -> Step {
 fn concurrent(local: &Record, remote: &Record) -> Option<Step> {
     match winner(local, remote) {
         Side::Local => None,
-        // Deleted here, modified there: nothing of ours to save.
-        Side::Remote if local.deleted => Some(take(remote)),
+        // Deleted here, modified there: nothing of ours to save. The record taken
+        // keeps what our tombstone had seen: storing the peer's version alone
+        // would set our own counter for the path back, and our next edit would
+        // reuse a counter a peer already saw (on our deletion), so a later
+        // deletion there could wrongly dominate that edit.
+        Side::Remote if local.deleted => Some(take(&Record {
+            version: local.version.merge(&remote.version),
+            ..remote.clone()
+        })),
         Side::Remote => {
             let path = RelPath::parse(&local.path).ok()?;
             let copy = conflict_name(&path, local.modified, &local.modified_by);
@@ -512,6 +519,15 @@ mod tests {
         );
         // Their edit replaces our delete; there is nothing of ours to save.
         assert_eq!(says(Some(&deleted), &edited), "fetch f");
+        // ... under a version that has seen our delete too (found by the soak:
+        // with the peer's version alone, the deleting node's counter went back,
+        // its next edit reused a counter the peer had already merged, and a
+        // later deletion on the peer overruled that edit).
+        let Some(Step::Fetch { remote, .. }) = decide(Some(&deleted), &edited) else {
+            panic!("not a fetch");
+        };
+        assert_eq!(remote.version, vv(&[("a", 2), ("b", 2)]));
+        assert_eq!(remote.hash, edited.hash);
     }
 
     #[test]
