@@ -168,7 +168,7 @@ async fn random_operations_with_partitions_converge_without_loss() {
     }
 }
 
-/// Many seeds, longer epochs: `just soak`.
+/// Many seeds, longer epochs: `just soak` (DIRSYNC_SEEDS=N runs N seeds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn soak_many_seeds() {
@@ -176,7 +176,11 @@ async fn soak_many_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
-    for seed in first..first + 30 {
+    let count: u64 = std::env::var("DIRSYNC_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    for seed in first..first + count {
         eprintln!("seed {seed} (replay with DIRSYNC_SEED={seed})");
         run(seed, 10, 25).await;
     }

@@ -31,7 +31,7 @@ use crate::events::{Event, EventKind};
 use crate::hash::ContentHash;
 use crate::ignore::IgnoreRules;
 use crate::index::changes::{detect, within};
-use crate::index::scan::{self, ScanContext};
+use crate::index::scan::{self, NotObserved, ScanContext};
 use crate::index::{Entry, ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
 use crate::sync::record::Kind;
 use crate::wire::Timestamp;
@@ -525,15 +525,14 @@ impl Engine {
             installing: &self.installing,
         };
         let mut observed = Vec::new();
-        let mut unstable = Vec::new();
-        let mut claimed = Vec::new();
+        let mut missed = NotObserved::default();
         let roots: Vec<Option<&str>> = match &scopes {
             None => vec![None],
             Some(list) => list.iter().map(|s| Some(*s)).collect(),
         };
         for scope in roots {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
-            observed.extend(outcome.entries_logged(&self.name, &mut unstable, &mut claimed));
+            observed.extend(outcome.entries_logged(&self.name, &mut missed));
         }
         #[cfg(test)]
         if let Some(hook) = self
@@ -560,16 +559,24 @@ impl Engine {
         // stops syncing it, it does not delete it on peers. Unobserved paths are
         // checked both as file and as directory (`build/` only matches a dir).
         // A file that changed while hashed was not observed this time, but is not
-        // deleted either: the recheck decides.
-        // (Claimed paths are skipped as being installed.)
-        // A path the walk met claimed was not observed, and must not be taken as
-        // deleted even if its install ended before `installing` was read above.
-        let unstable_set: HashSet<&str> = unstable.iter().map(String::as_str).collect();
-        let claimed_set: HashSet<String> = claimed.iter().cloned().collect();
+        // deleted either: the recheck decides. Nor is what could not be read (an
+        // unreadable folder must not delete the peers' copies of what is in it).
+        // Claimed paths are skipped as being installed, including those the walk
+        // met claimed whose install ended before `installing` was read above.
+        let NotObserved {
+            unstable,
+            mut claimed,
+            unreadable,
+        } = missed;
+        let not_observed: HashSet<&str> = unstable
+            .iter()
+            .chain(&claimed)
+            .map(String::as_str)
+            .collect();
         let skip = |p: &str| {
             installing.contains(p)
-                || claimed_set.contains(p)
-                || unstable_set.contains(p)
+                || not_observed.contains(p)
+                || unreadable.iter().any(|u| within(p, u))
                 || ignore.is_ignored(p, false)
                 || ignore.is_ignored(p, true)
         };
@@ -586,12 +593,14 @@ impl Engine {
                 (Kind::Dir, Some(e)) => e.record.kind != Kind::Dir || e.record.mode != o.mode,
                 (_, e) => o.stat.is_none() || e.and_then(|e| e.stat) != o.stat,
             })
-            .map(|o| o.path.clone());
-        claimed.extend(deferred);
-        self.recheck_after_install(claimed);
+            .map(|o| o.path.clone())
+            .collect::<Vec<_>>();
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
         let mut changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
+        drop(not_observed);
         drop(ignore);
+        claimed.extend(deferred);
+        self.recheck_after_install(claimed);
         if !unstable.is_empty() {
             self.recheck_later(unstable);
         }
@@ -634,9 +643,10 @@ impl Engine {
         let max = store.commit(&changes.updates, None)?;
         for u in changes.updates.iter().take(20) {
             tracing::debug!(
-                "{}: indexed {} ({} bytes{}{})",
+                "{}: indexed {} at {} ({} bytes{}{})",
                 self.name,
                 u.record.path,
+                u.record.version,
                 u.record.size,
                 if u.record.deleted { ", deleted" } else { "" },
                 if u.stat.is_none() { ", unproven" } else { "" }
@@ -787,5 +797,45 @@ mod tests {
         assert!(engine.after_walk.lock().unwrap().is_none(), "hook ran");
         let entry = indexed(&engine, "f.txt").await.unwrap();
         assert!(!entry.record.deleted, "taken as deleted: {entry:?}");
+    }
+
+    /// What exists but cannot be read (a folder or a file without permission) is
+    /// not observed, and must not be versioned as deleted: that would delete the
+    /// peers' copies. (Run as root, the test drops the capabilities that bypass
+    /// permissions, for its own thread and the threads it starts.)
+    #[test]
+    fn unreadable_entries_are_not_deletions() {
+        use rustix::thread::{capabilities, set_capabilities, CapabilitySet};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("private")).unwrap();
+        std::fs::write(root.join("private/a.txt"), b"in a folder").unwrap();
+        std::fs::write(root.join("secret.txt"), b"a file").unwrap();
+        let mut caps = capabilities(None).unwrap();
+        caps.effective -= CapabilitySet::DAC_OVERRIDE | CapabilitySet::DAC_READ_SEARCH;
+        set_capabilities(None, caps).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mode = |p: &str, m: u32| {
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        rt.block_on(async {
+            let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+            engine.scan(None).await.unwrap();
+            mode("private", 0o000);
+            mode("secret.txt", 0o000);
+            let denied = std::fs::read(root.join("secret.txt")).unwrap_err();
+            assert_eq!(denied.kind(), std::io::ErrorKind::PermissionDenied);
+            engine.scan(None).await.unwrap();
+            for path in ["private/a.txt", "secret.txt"] {
+                let entry = indexed(&engine, path).await.unwrap();
+                assert!(!entry.record.deleted, "{path} taken as deleted");
+            }
+        });
+        mode("private", 0o755);
+        mode("secret.txt", 0o644);
     }
 }

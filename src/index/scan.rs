@@ -54,26 +54,40 @@ pub struct ScanOutcome {
     pub unstable: Vec<String>,
     /// Files skipped because the engine is installing them: look again later.
     pub claimed: Vec<String>,
+    /// Paths that exist but could not be read (a directory: nothing below it was
+    /// seen). Not observed, and never taken as deleted: an unreadable file or
+    /// folder must not delete the peers' copies.
+    pub unreadable: Vec<String>,
     /// Files found by the walk that still need hashing (empty once `scan` returns).
     pub to_hash: Vec<HashJob>,
 }
 
 impl ScanOutcome {
-    /// The entries, after logging the warnings as `node`'s; the unstable and the
-    /// claimed paths go to the caller's lists.
-    pub fn entries_logged(
-        self,
-        node: &str,
-        unstable: &mut Vec<String>,
-        claimed: &mut Vec<String>,
-    ) -> Vec<Observed> {
+    /// The entries, after logging the warnings as `node`'s; the unstable, the
+    /// claimed and the unreadable paths go to the caller's lists.
+    pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Vec<Observed> {
         for w in &self.warnings {
             tracing::warn!("{node}: {w}");
         }
-        unstable.extend(self.unstable);
-        claimed.extend(self.claimed);
+        lists.unstable.extend(self.unstable);
+        lists.claimed.extend(self.claimed);
+        lists.unreadable.extend(self.unreadable);
         self.entries
     }
+
+    /// Records that `rel` exists but could not be read, and why.
+    fn unreadable(&mut self, rel: &str, why: String) {
+        self.warnings.push(why);
+        self.unreadable.push(rel.to_string());
+    }
+}
+
+/// Paths a scan found but did not observe, by reason (see [`ScanOutcome`]).
+#[derive(Debug, Default)]
+pub struct NotObserved {
+    pub unstable: Vec<String>,
+    pub claimed: Vec<String>,
+    pub unreadable: Vec<String>,
 }
 
 /// What a scan needs to know besides the disk.
@@ -128,7 +142,7 @@ pub fn scan(
                 })
             }
             Err(e) => {
-                out.warnings.push(format!("skipped directory {rel}: {e}"));
+                out.unreadable(&rel, format!("skipped directory {rel}: {e}"));
                 continue;
             }
         };
@@ -136,8 +150,7 @@ pub fn scan(
             let dirent = match dirent {
                 Ok(d) => d,
                 Err(e) => {
-                    out.warnings
-                        .push(format!("skipped an entry of {rel}/: {e}"));
+                    out.unreadable(&rel, format!("skipped an entry of {rel}/: {e}"));
                     continue;
                 }
             };
@@ -182,7 +195,7 @@ fn observe(
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None, // vanished
         Err(e) => {
-            out.warnings.push(format!("skipped {rel}: {e}"));
+            out.unreadable(&rel, format!("skipped {rel}: {e}"));
             return None;
         }
     };
@@ -213,13 +226,12 @@ fn observe(
         let target = match fs::read_link(&abs) {
             Ok(t) => t,
             Err(e) => {
-                out.warnings.push(format!("skipped link {rel}: {e}"));
+                out.unreadable(&rel, format!("skipped link {rel}: {e}"));
                 return None;
             }
         };
         let Some(target) = target.to_str().map(str::to_owned) else {
-            out.warnings
-                .push(format!("skipped link {rel}: target is not UTF-8"));
+            out.unreadable(&rel, format!("skipped link {rel}: target is not UTF-8"));
             return None;
         };
         out.entries.push(Observed {
@@ -325,6 +337,7 @@ fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
         out.entries.extend(part.entries);
         out.warnings.extend(part.warnings);
         out.unstable.extend(part.unstable);
+        out.unreadable.extend(part.unreadable);
         out.hashed_files += part.hashed_files;
         out.hashed_bytes += part.hashed_bytes;
     }
@@ -343,7 +356,7 @@ fn hash_one(job: &HashJob, out: &mut ScanOutcome) {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
-            out.warnings.push(format!("skipped {rel}: {e}"));
+            out.unreadable(rel, format!("skipped {rel}: {e}"));
             return;
         }
     };
