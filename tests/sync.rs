@@ -190,6 +190,63 @@ async fn offline_edits_on_both_sides_keep_both_versions() {
     a.shutdown().await;
 }
 
+/// A conflict copy whose name an earlier, deleted copy had (same file, same
+/// second, same node) while the batch that brings the conflict also brings that
+/// old copy's tombstone: the new copy gets a numbered name and syncs like any
+/// file (found by the soak: it stayed on one node, indexed under the tombstone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_copy_never_reuses_a_name_the_same_batch_deletes() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let a = env.start("a", &[]).await;
+    let relay = Relay::start(a.local_addr()).await;
+    let b = env.start("b", &[relay.addr]).await;
+    wait_connected(&[&a, &b]).await;
+    // a's edit is stamped 2021-06-01 12:00:00 UTC: a copy of it made on a is
+    // named after that second.
+    let stamp = std::time::UNIX_EPOCH + Duration::from_secs(1_622_548_800);
+    let old_copy = "notes.sync-conflict-20210601-120000-a.txt";
+    let set_mtime = |root: &std::path::Path, when| {
+        std::fs::File::options()
+            .write(true)
+            .open(root.join("notes.txt"))
+            .unwrap()
+            .set_modified(when)
+            .unwrap()
+    };
+    write(&da, "notes.txt", b"original");
+    write(&da, old_copy, b"an older copy");
+    wait_content(&db, old_copy, b"an older copy").await;
+    wait_content(&db, "notes.txt", b"original").await;
+    std::fs::remove_file(da.join(old_copy)).unwrap();
+    wait_gone(&db, old_copy).await;
+
+    relay.set_cut(true);
+    // b brings the old copy back and deletes it again: its tombstone is news to a.
+    write(&db, old_copy, b"back for a moment");
+    b.engine().scan(None).await.unwrap();
+    std::fs::remove_file(db.join(old_copy)).unwrap();
+    write(&db, "notes.txt", b"edited on b, later");
+    b.engine().scan(None).await.unwrap();
+    write(&da, "notes.txt", b"edited on a");
+    set_mtime(&da, stamp);
+    a.engine().scan(None).await.unwrap();
+    relay.set_cut(false);
+
+    wait_content(&da, "notes.txt", b"edited on b, later").await;
+    wait_same_trees(&[&da, &db], T).await;
+    let tree = tree(&db);
+    let copies: Vec<&String> = tree
+        .keys()
+        .filter(|k| k.contains(".sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "one conflict copy: {tree:#?}");
+    assert_ne!(copies[0], old_copy, "the deleted name is not reused");
+    assert_eq!(std::fs::read(db.join(copies[0])).unwrap(), b"edited on a");
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_converges_through_the_middle_node() {
     let env = TestEnv::new();

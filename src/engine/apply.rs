@@ -878,10 +878,14 @@ async fn conflict(
     let abs = rel_abs(&engine.root, &local.path)?;
     check_unchanged(&abs, entry.as_ref())?;
     // Two conflicts on one path within a second would get the same name: number them.
+    // A name some batch is installing (this one included: its tombstone for an
+    // earlier copy of that name, say) is taken too: two records for one path in
+    // one commit, and the copy could end up indexed as deleted, or never sent.
     let mut copy = copy;
     let base = copy.clone();
     for n in 2.. {
-        let taken = rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
+        let taken = engine.is_claimed(&copy)
+            || rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
             || local_entry(engine, &copy)
                 .await?
                 .is_some_and(|e| !e.record.deleted);
