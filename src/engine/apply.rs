@@ -510,16 +510,21 @@ async fn commit(
         .filter(|u| u.record.deleted || u.stat.is_some())
         .map(|u| (u.record.path.clone(), u.stat))
         .collect();
-    // Records stored exactly as the peer sent them: never echoed back to it.
-    let taken: std::collections::HashSet<String> = updates
+    // Records stored exactly as the peer sent them: never echoed back to it. Only
+    // the last update of a path counts (it is what the index keeps).
+    let last: HashMap<&str, &Update> = updates
         .iter()
-        .filter(|u| {
+        .map(|u| (u.record.path.as_str(), u))
+        .collect();
+    let taken: std::collections::HashSet<String> = last
+        .into_iter()
+        .filter(|(path, u)| {
             batch
                 .records
-                .get(&u.record.path)
+                .get(*path)
                 .is_some_and(|r| r.version == u.record.version && r.deleted == u.record.deleted)
         })
-        .map(|u| u.record.path.clone())
+        .map(|(path, _)| path.to_string())
         .collect();
     let peer_name = peer.to_string();
     let result = engine
