@@ -883,14 +883,11 @@ async fn conflict(
     let abs = rel_abs(&engine.root, &local.path)?;
     check_unchanged(&abs, entry.as_ref())?;
     // Two conflicts on one path within a second would get the same name: number them.
-    // A name some batch is installing (this one included: its tombstone for an
-    // earlier copy of that name, say) is taken too: two records for one path in
-    // one commit, and the copy could end up indexed as deleted, or never sent.
+    // (A name the batch itself brings a record for was numbered by the plan.)
     let mut copy = copy;
     let base = copy.clone();
     for n in 2.. {
-        let taken = engine.is_claimed(&copy)
-            || rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
+        let taken = rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
             || local_entry(engine, &copy)
                 .await?
                 .is_some_and(|e| !e.record.deleted);
@@ -900,7 +897,7 @@ async fn conflict(
         if n > 1000 {
             return Err(format!("no free conflict copy name for {}", local.path));
         }
-        copy = numbered(&base, n);
+        copy = crate::sync::conflict::numbered(&base, n);
     }
     let copy_entry = local_entry(engine, &copy).await?;
     let copy_abs = rel_abs(&engine.root, &copy)?;
@@ -968,19 +965,6 @@ async fn conflict(
         enqueue: vec![],
         pending: None,
     })
-}
-
-/// `x.sync-conflict-DATE-TIME-NODE.ext` -> `x.sync-conflict-DATE-TIME-NODE-n.ext`.
-fn numbered(copy: &str, n: u32) -> String {
-    let (dir, file) = match copy.rsplit_once('/') {
-        Some((d, f)) => (format!("{d}/"), f),
-        None => (String::new(), copy),
-    };
-    let mark = file.find(".sync-conflict-").map_or(0, |i| i + 1);
-    match file[mark..].find('.') {
-        Some(dot) => format!("{dir}{}-{n}{}", &file[..mark + dot], &file[mark + dot..]),
-        None => format!("{dir}{file}-{n}"),
-    }
 }
 
 fn rel_abs(root: &Path, path: &str) -> Result<PathBuf, String> {
@@ -1453,25 +1437,4 @@ pub fn clean_temp_files(root: &Path) -> usize {
         }
     }
     removed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::numbered;
-
-    #[test]
-    fn numbered_conflict_copies() {
-        assert_eq!(
-            numbered("d/n.sync-conflict-20260101-000000-a.txt", 2),
-            "d/n.sync-conflict-20260101-000000-a-2.txt"
-        );
-        assert_eq!(
-            numbered("Makefile.sync-conflict-20260101-000000-a", 3),
-            "Makefile.sync-conflict-20260101-000000-a-3"
-        );
-        assert_eq!(
-            numbered(".bashrc.sync-conflict-20260101-000000-a", 2),
-            ".bashrc.sync-conflict-20260101-000000-a-2"
-        );
-    }
 }

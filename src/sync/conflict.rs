@@ -69,6 +69,19 @@ fn content_order(a: &Record, b: &Record) -> Ordering {
         .then_with(|| a.target.cmp(&b.target))
 }
 
+/// `x.sync-conflict-DATE-TIME-NODE.ext` -> `x.sync-conflict-DATE-TIME-NODE-n.ext`.
+pub fn numbered(copy: &str, n: u32) -> String {
+    let (dir, file) = match copy.rsplit_once('/') {
+        Some((d, f)) => (format!("{d}/"), f),
+        None => (String::new(), copy),
+    };
+    let mark = file.find(".sync-conflict-").map_or(0, |i| i + 1);
+    match file[mark..].find('.') {
+        Some(dot) => format!("{dir}{}-{n}{}", &file[..mark + dot], &file[mark + dot..]),
+        None => format!("{dir}{file}-{n}"),
+    }
+}
+
 /// `dir/NAME.EXT` -> `dir/NAME.sync-conflict-YYYYMMDD-HHMMSS-NODE.EXT`, with the
 /// UTC time of `when`.
 ///
@@ -154,6 +167,22 @@ mod tests {
     use crate::hash::ContentHash;
     use crate::sync::version::VersionVector;
     use proptest::prelude::*;
+
+    #[test]
+    fn numbered_conflict_copies() {
+        assert_eq!(
+            numbered("d/n.sync-conflict-20260101-000000-a.txt", 2),
+            "d/n.sync-conflict-20260101-000000-a-2.txt"
+        );
+        assert_eq!(
+            numbered("Makefile.sync-conflict-20260101-000000-a", 3),
+            "Makefile.sync-conflict-20260101-000000-a-3"
+        );
+        assert_eq!(
+            numbered(".bashrc.sync-conflict-20260101-000000-a", 2),
+            ".bashrc.sync-conflict-20260101-000000-a-2"
+        );
+    }
 
     fn rec(kind: Kind, secs: i64, by: &str, content: &[u8], deleted: bool) -> Record {
         Record {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use super::conflict::{conflict_name, winner, Side};
+use super::conflict::{conflict_name, numbered, winner, Side};
 use super::record::{Kind, Record};
 use super::version::{VersionVector, VvOrdering};
 use crate::hash::ContentHash;
@@ -223,15 +223,38 @@ fn concurrent(local: &Record, remote: &Record) -> Option<Step> {
 /// instead of transfers, then execution order.
 pub fn plan(local: &impl LocalIndex, remote: &[Record]) -> Plan {
     let (accepted, refused) = screen(remote);
-    let steps: Vec<Step> = accepted
+    let paths: HashSet<String> = accepted.keys().map(|p| p.to_string()).collect();
+    let mut steps: Vec<Step> = accepted
         .into_values()
         .filter_map(|r| decide(local.get(&r.path).as_ref(), r))
         .collect();
+    number_copies(&paths, &mut steps);
     let mut steps = pair_renames(local, steps);
     use_local_copies(local, &mut steps);
     Plan {
         steps: order(steps),
         refused,
+    }
+}
+
+/// A conflict copy never takes a name the batch brings a record for (say, the
+/// tombstone of an earlier copy made in the same second), nor another copy's:
+/// one path would get two records in one commit. Such a copy is numbered.
+fn number_copies(batch: &HashSet<String>, steps: &mut [Step]) {
+    let mut used: HashSet<String> = HashSet::new();
+    for step in steps.iter_mut() {
+        let Step::Conflict { conflict_copy, .. } = step else {
+            continue;
+        };
+        let base = conflict_copy.clone();
+        let mut n = 2;
+        while (batch.contains(conflict_copy.as_str()) || used.contains(conflict_copy.as_str()))
+            && n <= 1000
+        {
+            *conflict_copy = numbered(&base, n);
+            n += 1;
+        }
+        used.insert(conflict_copy.clone());
     }
 }
 
@@ -506,6 +529,28 @@ mod tests {
         assert_eq!(decide(Some(&a), &b), Some(want));
         // On b, its own version wins: nothing to do, a will take it.
         assert_eq!(decide(Some(&b), &a), None);
+    }
+
+    #[test]
+    fn a_conflict_copy_avoids_names_the_batch_brings() {
+        let ours = by(file("notes.txt", b"a", 0), &[("a", 2), ("b", 1)], 100, "a");
+        let theirs = by(file("notes.txt", b"b", 0), &[("a", 1), ("b", 2)], 200, "b");
+        let name = "notes.sync-conflict-19700101-000140-a.txt";
+        let old_copy = dead(by(file(name, b"", 0), &[("a", 1), ("b", 1)], 150, "b"));
+        let theirs_only = lines(std::slice::from_ref(&ours), std::slice::from_ref(&theirs));
+        assert_eq!(
+            theirs_only,
+            [format!(
+                "conflict notes.txt: keep ours as {name}, take theirs"
+            )]
+        );
+        let plan = lines(&[ours], &[theirs, old_copy]);
+        assert!(
+            plan.contains(&format!(
+                "conflict notes.txt: keep ours as notes.sync-conflict-19700101-000140-a-2.txt, take theirs"
+            )),
+            "{plan:?}"
+        );
     }
 
     #[test]
