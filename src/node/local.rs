@@ -42,29 +42,45 @@ pub(crate) async fn watch_loop(shared: Arc<Shared>, watching: Watching) {
         Some((w, rx)) => (Some(w), Some(rx)),
         None => (None, None),
     };
-    let degraded = watcher.as_ref().is_none_or(|w| w.degraded());
-    let period = if degraded {
-        shared.config.rescan_interval.min(DEGRADED_RESCAN)
-    } else {
-        shared.config.rescan_interval
+    // The rescan period: short while the watcher is missing or degraded (the
+    // watch limit was hit, or it stopped reading), checked again after every scan.
+    let period_now = |batches: &Option<mpsc::Receiver<Batch>>| {
+        let degraded = batches.is_none() || watcher.as_ref().is_none_or(|w| w.degraded());
+        if degraded {
+            shared.config.rescan_interval.min(DEGRADED_RESCAN)
+        } else {
+            shared.config.rescan_interval
+        }
     };
+    let mut period = period_now(&batches);
     let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         let scopes: Option<Vec<String>> = tokio::select! {
             _ = shared.cancelled() => return,
             _ = rescan.tick() => None,
             batch = async { match batches.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let Some(batch) = batch else {
-                    batches = None;
-                    continue;
-                };
-                if batch.paths.contains(".dirsyncignore") {
-                    engine.reload_ignore();
-                    None
-                } else if batch.rescan {
-                    None
-                } else {
-                    Some(batch.paths.into_iter().collect())
+                match batch {
+                    // The watcher stopped (it said why): what it missed is found by
+                    // a full scan now, later changes by the shorter period.
+                    None => {
+                        warn!(
+                            "{}: the watcher stopped; rescanning every {:?} from now on",
+                            engine.name(),
+                            shared.config.rescan_interval.min(DEGRADED_RESCAN)
+                        );
+                        batches = None;
+                        None
+                    }
+                    Some(batch) => {
+                        if batch.paths.contains(".dirsyncignore") {
+                            engine.reload_ignore();
+                            None
+                        } else if batch.rescan {
+                            None
+                        } else {
+                            Some(batch.paths.into_iter().collect())
+                        }
+                    }
                 }
             }
         };
@@ -79,6 +95,11 @@ pub(crate) async fn watch_loop(shared: Arc<Shared>, watching: Watching) {
         );
         if let Err(e) = engine.scan(scopes).await {
             warn!("{}: scan failed: {e}", engine.name());
+        }
+        let want = period_now(&batches);
+        if want != period {
+            period = want;
+            rescan = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         }
     }
 }
