@@ -65,6 +65,9 @@ pub struct Applied {
     pub failed: Vec<Record>,
     /// Number of steps carried out.
     pub steps: usize,
+    /// Records that lost a conflict to ours, with the sequence number of our
+    /// record they lost to (see [`diff::Plan::outvoted`]).
+    pub outvoted: Vec<(Record, u64)>,
 }
 
 /// The result of one step: index updates, an event, directories to fsync, and
@@ -144,6 +147,14 @@ pub async fn apply_batch(
             })
         })
         .await??;
+    applied.outvoted = plan
+        .outvoted
+        .iter()
+        .filter_map(|r| {
+            let ours = planned.get(&r.path)?.as_ref()?;
+            Some((r.clone(), ours.record.seq))
+        })
+        .collect();
     let by_path = Arc::new(Batch {
         records: by_path,
         planned,

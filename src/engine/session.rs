@@ -29,6 +29,9 @@ const MERGE_UP_TO: usize = 4096;
 /// A record that still fails after this many attempts is given up (and logged): it
 /// comes back when the peer changes the path again, or after a reconnect.
 const MAX_ATTEMPTS: u32 = 20;
+/// At most this many outvoted records are watched per session (conflicts are rare;
+/// this only bounds memory against a peer that makes thousands).
+const MAX_OUTVOTED: usize = 10_000;
 
 /// Serves a peer's subscription until the stream or connection ends.
 pub async fn serve_subscribe(
@@ -124,6 +127,14 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
         }
     }));
     let mut pending: BTreeMap<String, (Record, u32)> = BTreeMap::new();
+    // Records of this peer that lost a conflict to ours, with the sequence number
+    // of our record. Nothing was done (the peer takes ours), and our progress moved
+    // past them. If our record changes before the peer has taken it (we delete the
+    // file, say), the peer's record is decided again: otherwise the peer, which
+    // already took ours as the winner and sees our new record as concurrent with
+    // its own, waits for us, and we for it. Dropped when the peer sends a newer
+    // record of the path.
+    let mut outvoted: BTreeMap<String, (Record, u64)> = BTreeMap::new();
     let mut last: Option<(IndexId, u64)> = progress;
     let mut retry = tokio::time::interval(RETRY_EVERY);
     // A frame taken out of the channel while merging, not part of the batch.
@@ -156,20 +167,27 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
                         Err(_) => break,
                     }
                 }
-                // A newer record of a path supersedes a failed older one.
+                // A newer record of a path supersedes a failed or outvoted older one.
                 for r in &records {
                     pending.remove(&r.path);
+                    outvoted.remove(&r.path);
                 }
                 let floor = pending.values().map(|(r, _)| r.seq.saturating_sub(1)).min();
                 let upto = floor.map_or(max_seq, |f| f.min(max_seq));
                 let applied = apply_batch(&engine, &peer, &conn, records, Some((index_id, upto))).await.map_err(|e| e.to_string())?;
                 pending.extend(applied.failed.into_iter().map(|r| (r.path.clone(), (r, 1))));
+                remember_outvoted(&mut outvoted, applied.outvoted);
                 last = Some((index_id, max_seq));
             }
-            _ = retry.tick(), if !pending.is_empty() => {
+            _ = retry.tick(), if !pending.is_empty() || !outvoted.is_empty() => {
                 let attempts: BTreeMap<String, u32> = pending.iter().map(|(p, (_, n))| (p.clone(), *n)).collect();
-                let records: Vec<Record> = std::mem::take(&mut pending).into_values().map(|(r, _)| r).collect();
+                let mut records: Vec<Record> = std::mem::take(&mut pending).into_values().map(|(r, _)| r).collect();
+                records.extend(changed_since_outvoted(&engine, &mut outvoted).await?);
+                if records.is_empty() {
+                    continue;
+                }
                 let applied = apply_batch(&engine, &peer, &conn, records, last).await.map_err(|e| e.to_string())?;
+                remember_outvoted(&mut outvoted, applied.outvoted);
                 for r in applied.failed {
                     let n = attempts.get(&r.path).copied().unwrap_or(0) + 1;
                     if n >= MAX_ATTEMPTS {
@@ -181,6 +199,56 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
             }
         }
     }
+}
+
+fn remember_outvoted(outvoted: &mut BTreeMap<String, (Record, u64)>, more: Vec<(Record, u64)>) {
+    for (r, ours) in more {
+        if outvoted.len() >= MAX_OUTVOTED && !outvoted.contains_key(&r.path) {
+            tracing::debug!("too many outvoted records to watch; {} is not", r.path);
+            continue;
+        }
+        outvoted.insert(r.path.clone(), (r, ours));
+    }
+}
+
+/// Takes out of `outvoted` the records whose path our index has changed since they
+/// lost to it: they are to be decided again.
+async fn changed_since_outvoted(
+    engine: &Arc<Engine>,
+    outvoted: &mut BTreeMap<String, (Record, u64)>,
+) -> Result<Vec<Record>, String> {
+    if outvoted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let watched: Vec<(String, u64)> = outvoted
+        .iter()
+        .map(|(p, (_, seq))| (p.clone(), *seq))
+        .collect();
+    let changed = engine
+        .with_store(move |s| {
+            s.read(|s| {
+                let mut changed = Vec::new();
+                for (path, seq) in watched {
+                    if s.get(&path)?.map(|e| e.record.seq) != Some(seq) {
+                        changed.push(path);
+                    }
+                }
+                Ok(changed)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for p in &changed {
+        tracing::debug!(
+            "{}: {p} changed here since a peer's version lost to it: deciding again",
+            engine.name()
+        );
+    }
+    Ok(changed
+        .into_iter()
+        .filter_map(|p| outvoted.remove(&p).map(|(r, _)| r))
+        .collect())
 }
 
 /// Aborts a task when dropped, so no reader outlives its session.

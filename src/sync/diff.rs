@@ -129,6 +129,11 @@ impl fmt::Display for Step {
 pub struct Plan {
     pub steps: Vec<Step>,
     pub refused: Vec<(String, PathError)>,
+    /// Remote records that lost a conflict to the local version (nothing to do
+    /// now: the peer takes ours). If ours changes before the peer has taken it
+    /// (we delete it, say), the outcome must be decided again: see
+    /// `engine::session`.
+    pub outvoted: Vec<Record>,
 }
 
 /// The step that makes the local side what `remote` describes.
@@ -224,9 +229,20 @@ fn concurrent(local: &Record, remote: &Record) -> Option<Step> {
 pub fn plan(local: &impl LocalIndex, remote: &[Record]) -> Plan {
     let (accepted, refused) = screen(remote);
     let paths: HashSet<String> = accepted.keys().map(|p| p.to_string()).collect();
+    let mut outvoted = Vec::new();
     let mut steps: Vec<Step> = accepted
         .into_values()
-        .filter_map(|r| decide(local.get(&r.path).as_ref(), r))
+        .filter_map(|r| {
+            let ours = local.get(&r.path);
+            let step = decide(ours.as_ref(), r);
+            let concurrent = ours
+                .as_ref()
+                .is_some_and(|l| r.version.compare(&l.version) == VvOrdering::Concurrent);
+            if step.is_none() && concurrent {
+                outvoted.push(r.clone());
+            }
+            step
+        })
         .collect();
     number_copies(&paths, &mut steps);
     let mut steps = pair_renames(local, steps);
@@ -234,6 +250,7 @@ pub fn plan(local: &impl LocalIndex, remote: &[Record]) -> Plan {
     Plan {
         steps: order(steps),
         refused,
+        outvoted,
     }
 }
 
@@ -529,6 +546,22 @@ mod tests {
         assert_eq!(decide(Some(&a), &b), Some(want));
         // On b, its own version wins: nothing to do, a will take it.
         assert_eq!(decide(Some(&b), &a), None);
+    }
+
+    #[test]
+    fn records_that_lose_to_ours_are_reported_as_outvoted() {
+        let ours = by(file("n", b"ours", 0), &[("a", 1), ("b", 2)], 200, "b");
+        let theirs = by(file("n", b"theirs", 0), &[("a", 2), ("b", 1)], 100, "a");
+        let older = by(file("o", b"old", 0), &[("b", 1)], 100, "a");
+        let index: HashMap<String, Record> =
+            [ours, by(file("o", b"new", 0), &[("b", 2)], 200, "b")]
+                .into_iter()
+                .map(|r| (r.path.clone(), r))
+                .collect();
+        let p = plan(&index, &[theirs.clone(), older]);
+        assert!(p.steps.is_empty(), "{:?}", p.steps);
+        // Only the concurrent loser: an older version is simply behind.
+        assert_eq!(p.outvoted, vec![theirs]);
     }
 
     #[test]
