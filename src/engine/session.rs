@@ -133,8 +133,17 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
     // file, say), the peer's record is decided again: otherwise the peer, which
     // already took ours as the winner and sees our new record as concurrent with
     // its own, waits for us, and we for it. Dropped when the peer sends a newer
-    // record of the path.
-    let mut outvoted: BTreeMap<String, (Record, u64)> = BTreeMap::new();
+    // record of the path. Kept in the index, so a reconnect (a partition, say)
+    // does not forget them.
+    let p = peer.clone();
+    let mut outvoted: BTreeMap<String, (Record, u64)> = engine
+        .with_store(move |s| s.outvoted(&p))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(r, seq)| (r.path.clone(), (r, seq)))
+        .collect();
     let mut last: Option<(IndexId, u64)> = progress;
     let mut retry = tokio::time::interval(RETRY_EVERY);
     // A frame taken out of the channel while merging, not part of the batch.
@@ -168,26 +177,34 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
                     }
                 }
                 // A newer record of a path supersedes a failed or outvoted older one.
+                let mut superseded = Vec::new();
                 for r in &records {
                     pending.remove(&r.path);
-                    outvoted.remove(&r.path);
+                    if outvoted.remove(&r.path).is_some() {
+                        superseded.push(r.path.clone());
+                    }
                 }
                 let floor = pending.values().map(|(r, _)| r.seq.saturating_sub(1)).min();
                 let upto = floor.map_or(max_seq, |f| f.min(max_seq));
                 let applied = apply_batch(&engine, &peer, &conn, records, Some((index_id, upto))).await.map_err(|e| e.to_string())?;
                 pending.extend(applied.failed.into_iter().map(|r| (r.path.clone(), (r, 1))));
-                remember_outvoted(&mut outvoted, applied.outvoted);
+                let added = remember_outvoted(&mut outvoted, applied.outvoted);
+                save_outvoted(&engine, &peer, added, superseded).await;
                 last = Some((index_id, max_seq));
             }
             _ = retry.tick(), if !pending.is_empty() || !outvoted.is_empty() => {
                 let attempts: BTreeMap<String, u32> = pending.iter().map(|(p, (_, n))| (p.clone(), *n)).collect();
                 let mut records: Vec<Record> = std::mem::take(&mut pending).into_values().map(|(r, _)| r).collect();
-                records.extend(changed_since_outvoted(&engine, &mut outvoted).await?);
+                let again = changed_since_outvoted(&engine, &mut outvoted).await?;
+                let again_paths: Vec<String> = again.iter().map(|r| r.path.clone()).collect();
+                records.extend(again);
                 if records.is_empty() {
                     continue;
                 }
                 let applied = apply_batch(&engine, &peer, &conn, records, last).await.map_err(|e| e.to_string())?;
-                remember_outvoted(&mut outvoted, applied.outvoted);
+                let added = remember_outvoted(&mut outvoted, applied.outvoted);
+                let removed = again_paths.into_iter().filter(|p| !outvoted.contains_key(p)).collect();
+                save_outvoted(&engine, &peer, added, removed).await;
                 for r in applied.failed {
                     let n = attempts.get(&r.path).copied().unwrap_or(0) + 1;
                     if n >= MAX_ATTEMPTS {
@@ -201,13 +218,42 @@ pub async fn pull(engine: Arc<Engine>, peer: String, conn: Connection) -> Result
     }
 }
 
-fn remember_outvoted(outvoted: &mut BTreeMap<String, (Record, u64)>, more: Vec<(Record, u64)>) {
+/// Adds `more` to `outvoted` (within its bound); returns what was added.
+fn remember_outvoted(
+    outvoted: &mut BTreeMap<String, (Record, u64)>,
+    more: Vec<(Record, u64)>,
+) -> Vec<(Record, u64)> {
+    let mut added = Vec::new();
     for (r, ours) in more {
         if outvoted.len() >= MAX_OUTVOTED && !outvoted.contains_key(&r.path) {
             tracing::debug!("too many outvoted records to watch; {} is not", r.path);
             continue;
         }
-        outvoted.insert(r.path.clone(), (r, ours));
+        outvoted.insert(r.path.clone(), (r.clone(), ours));
+        added.push((r, ours));
+    }
+    added
+}
+
+/// Records the changes to `peer`'s outvoted records in the index. A failure is
+/// logged: it only means a restart may forget one.
+async fn save_outvoted(
+    engine: &Arc<Engine>,
+    peer: &str,
+    add: Vec<(Record, u64)>,
+    remove: Vec<String>,
+) {
+    if add.is_empty() && remove.is_empty() {
+        return;
+    }
+    let p = peer.to_string();
+    match engine
+        .with_store(move |s| s.update_outvoted(&p, &add, &remove))
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{}: recording outvoted records: {e}", engine.name()),
+        Err(e) => tracing::warn!("{}: recording outvoted records: {e}", engine.name()),
     }
 }
 

@@ -96,6 +96,13 @@ CREATE TABLE IF NOT EXISTS queue (
     staged TEXT
 );
 CREATE INDEX IF NOT EXISTS queue_path ON queue(path, id);
+CREATE TABLE IF NOT EXISTS outvoted (
+    peer TEXT NOT NULL,
+    path TEXT NOT NULL,
+    record BLOB NOT NULL,
+    our_seq INTEGER NOT NULL,
+    PRIMARY KEY (peer, path)
+);
 ";
 
 const COLUMNS: &str = "path, kind, size, mtime_s, mtime_ns, mode, hash, target, version, deleted, \
@@ -399,6 +406,54 @@ impl Store {
         Ok(())
     }
 
+    /// `peer`'s records that lost a conflict to ours, each with the sequence number
+    /// of our record (see `engine::session`).
+    pub fn outvoted(&self, peer: &str) -> Result<Vec<(Record, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT path, record, our_seq FROM outvoted WHERE peer = ?1")?;
+        let rows = stmt.query_map(params![peer], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, blob, seq) = row?;
+            let record: Record = postcard::from_bytes(&blob).map_err(|e| corrupt(&path, e))?;
+            out.push((record, seq as u64));
+        }
+        Ok(out)
+    }
+
+    /// Adds (or replaces) and removes outvoted records of `peer`, in one transaction.
+    pub fn update_outvoted(
+        &mut self,
+        peer: &str,
+        add: &[(Record, u64)],
+        remove: &[String],
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM outvoted WHERE peer = ?1 AND path = ?2")?;
+            for path in remove {
+                del.execute(params![peer, path])?;
+            }
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO outvoted (peer, path, record, our_seq) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (r, seq) in add {
+                let blob = postcard::to_allocvec(r).map_err(|e| corrupt(&r.path, e))?;
+                put.execute(params![peer, r.path, blob, *seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// What we last applied from `peer`: its index id and sequence number.
     pub fn peer_progress(&self, peer: &str) -> Result<Option<(IndexId, u64)>, StoreError> {
         let row = self
@@ -461,6 +516,24 @@ mod tests {
             },
             stat: None,
         }
+    }
+
+    #[test]
+    fn outvoted_records_survive_a_reopen_per_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("index.db");
+        let (x, y) = (update("x", "b").record, update("y", "b").record);
+        {
+            let mut s = Store::open(&db).unwrap();
+            s.update_outvoted("b", &[(x.clone(), 7), (y.clone(), 8)], &[])
+                .unwrap();
+            s.update_outvoted("c", &[(x.clone(), 9)], &[]).unwrap();
+            s.update_outvoted("b", &[], &["y".to_string()]).unwrap();
+        }
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.outvoted("b").unwrap(), vec![(x.clone(), 7)]);
+        assert_eq!(s.outvoted("c").unwrap(), vec![(x, 9)]);
+        assert!(s.outvoted("d").unwrap().is_empty());
     }
 
     #[test]
