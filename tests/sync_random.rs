@@ -129,6 +129,20 @@ async fn run(seed: u64, epochs: usize, ops: usize) {
         relay.set_cut(false);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while tree(&da) != tree(&db) {
+            if std::time::Instant::now() >= deadline {
+                // What each index says about the paths that differ.
+                let (ta, tb) = (tree(&da), tree(&db));
+                let differ: BTreeSet<&String> = ta
+                    .keys()
+                    .chain(tb.keys())
+                    .filter(|k| ta.get(*k) != tb.get(*k))
+                    .collect();
+                for path in differ {
+                    let ra = a.engine().record(path).await.ok().flatten();
+                    let rb = b.engine().record(path).await.ok().flatten();
+                    eprintln!("{path}:\n  a: {ra:?}\n  b: {rb:?}");
+                }
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "seed {seed}, epoch {epoch}: trees differ\na: {:#?}\nb: {:#?}\nbefore healing, a: {before_a:#?}\nb: {before_b:#?}\nevents a: {:#?}\nevents b: {:#?}",

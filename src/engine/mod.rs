@@ -357,6 +357,18 @@ impl Engine {
         self.root.join(STATE_DIR_NAME).join(MARKER).is_file()
     }
 
+    /// The index record of `path`, if any (for diagnostics and tests).
+    pub async fn record(
+        self: &Arc<Self>,
+        path: &str,
+    ) -> Result<Option<crate::sync::record::Record>, EngineError> {
+        let path = path.to_string();
+        Ok(self
+            .with_store(move |s| s.get(&path))
+            .await??
+            .map(|e| e.record))
+    }
+
     /// This node's own regular files, from the index (for listings).
     pub async fn local_files(self: &Arc<Self>) -> Result<Vec<crate::wire::FileEntry>, EngineError> {
         let records = self.with_store(|s| s.live_files()).await??;
