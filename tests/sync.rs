@@ -247,6 +247,32 @@ async fn a_conflict_copy_never_reuses_a_name_the_same_batch_deletes() {
     a.shutdown().await;
 }
 
+/// A node whose disk no longer matches its index (a deletion its watcher did not
+/// report: here there is no watcher) refuses a peer's version over it, and then
+/// looks at the path itself: the deletion is versioned, the peer's edit wins over
+/// it, and the nodes converge without waiting for the periodic rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_install_rescans_the_path_instead_of_waiting_for_an_event() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, "f.txt", b"first");
+    let mut ca = env.config("a", &[]);
+    ca.watch = false;
+    let a = dirsync::node::start(ca).await.unwrap();
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_content(&db, "f.txt", b"first").await;
+    let log = EventLog::of(&a);
+    // Gone on a's disk, unknown to a's index.
+    std::fs::remove_file(da.join("f.txt")).unwrap();
+    write(&db, "f.txt", b"edited on b");
+    log.wait_for("f.txt", |e| e.event == EventKind::Failed)
+        .await;
+    wait_content(&da, "f.txt", b"edited on b").await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_converges_through_the_middle_node() {
     let env = TestEnv::new();

@@ -394,6 +394,13 @@ fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, appl
             .detail(error),
     );
     if let Some(r) = remote {
+        // Whatever failed, the disk may no longer be what the index says (a local
+        // edit or deletion under the install): look at the path again once this
+        // batch lets go of it, even if no event comes and even if it looks like
+        // our own last write, so the local change is versioned and the retry is
+        // decided against it.
+        engine.forget_written(&r.path);
+        engine.recheck_after_install(vec![r.path.clone()]);
         applied.failed.push(r);
     }
 }

@@ -334,6 +334,15 @@ impl Engine {
         map.extend(written);
     }
 
+    /// Forgets what the engine last wrote at `path`: its next event or recheck is
+    /// a real scan.
+    pub(crate) fn forget_written(&self, path: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(path);
+    }
+
     /// Whether `path` is still exactly what the engine last wrote there (then a
     /// watcher event for it is our own echo and needs no scan).
     fn is_echo(&self, path: &str) -> bool {
@@ -424,7 +433,7 @@ impl Engine {
     /// met them mid-install could not tell a local edit from the install itself.
     /// Waiting for the release (instead of polling) keeps a bulk transfer from
     /// rescanning its own files every few hundred milliseconds.
-    fn recheck_after_install(&self, paths: Vec<String>) {
+    pub(crate) fn recheck_after_install(&self, paths: Vec<String>) {
         let installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
         let mut waiting = self.after_install.lock().unwrap_or_else(|p| p.into_inner());
         let mut now = Vec::new();
