@@ -156,12 +156,7 @@ async fn offline_edits_on_both_sides_keep_both_versions() {
     write(&da, "notes.txt", b"edited on a");
     write(&db, "notes.txt", b"edited on b, later");
     let later = std::time::SystemTime::now() + Duration::from_secs(60);
-    std::fs::File::options()
-        .write(true)
-        .open(db.join("notes.txt"))
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    set_mtime(&db, "notes.txt", later);
     write(&da, "same.txt", b"identical edit");
     write(&db, "same.txt", b"identical edit");
     a.engine().scan(None).await.unwrap();
@@ -198,22 +193,11 @@ async fn offline_edits_on_both_sides_keep_both_versions() {
 async fn a_conflict_copy_never_reuses_a_name_the_same_batch_deletes() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let relay = Relay::start(a.local_addr()).await;
-    let b = env.start("b", &[relay.addr]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, relay, b) = env.pair_via_relay().await;
     // a's edit is stamped 2021-06-01 12:00:00 UTC: a copy of it made on a is
     // named after that second.
     let stamp = std::time::UNIX_EPOCH + Duration::from_secs(1_622_548_800);
     let old_copy = "notes.sync-conflict-20210601-120000-a.txt";
-    let set_mtime = |root: &std::path::Path, when| {
-        std::fs::File::options()
-            .write(true)
-            .open(root.join("notes.txt"))
-            .unwrap()
-            .set_modified(when)
-            .unwrap()
-    };
     write(&da, "notes.txt", b"original");
     write(&da, old_copy, b"an older copy");
     wait_content(&db, old_copy, b"an older copy").await;
@@ -229,7 +213,7 @@ async fn a_conflict_copy_never_reuses_a_name_the_same_batch_deletes() {
     write(&db, "notes.txt", b"edited on b, later");
     b.engine().scan(None).await.unwrap();
     write(&da, "notes.txt", b"edited on a");
-    set_mtime(&da, stamp);
+    set_mtime(&da, "notes.txt", stamp);
     a.engine().scan(None).await.unwrap();
     relay.set_cut(false);
 

@@ -88,10 +88,7 @@ fn contents(root: &Path) -> BTreeSet<String> {
 async fn run(seed: u64, epochs: usize, ops: usize) {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
-    let a = env.start("a", &[]).await;
-    let relay = Relay::start(a.local_addr()).await;
-    let b = env.start("b", &[relay.addr]).await;
-    wait_connected(&[&a, &b]).await;
+    let (a, relay, b) = env.pair_via_relay().await;
     let mut rng = Rng(seed.max(1));
     let mut counter = 0;
     for epoch in 0..epochs {

@@ -759,22 +759,24 @@ impl Drop for InstallGuard {
 mod tests {
     use super::*;
 
-    async fn indexed(engine: &Arc<Engine>, path: &'static str) -> Option<Entry> {
-        engine
-            .with_store(move |s| s.get(path))
-            .await
-            .unwrap()
-            .unwrap()
+    async fn indexed(engine: &Arc<Engine>, path: &str) -> Option<crate::sync::record::Record> {
+        engine.record(path).await.unwrap()
+    }
+
+    /// An engine over an empty `root` in a temp dir (kept alive by the guard).
+    fn fresh_engine() -> (tempfile::TempDir, PathBuf, Arc<Engine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        (dir, root, engine)
     }
 
     /// A scan that meets a path mid-install leaves it alone, and the path is looked
     /// at again as soon as the install lets go of it, with no further event.
     #[tokio::test]
     async fn a_path_met_mid_install_is_rescanned_when_the_install_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        let (_dir, root, engine) = fresh_engine();
         engine.scan(None).await.unwrap();
         let claim = engine.claim(vec!["f.txt".to_string()]);
         assert!(claim.busy.is_empty());
@@ -788,7 +790,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Some(e) = indexed(&engine, "f.txt").await {
-                assert_eq!(e.record.size, 25);
+                assert_eq!(e.size, 25);
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "never rescanned");
@@ -801,23 +803,18 @@ mod tests {
     /// deleted (seen in CI: the node then deleted a file it had just received).
     #[tokio::test]
     async fn a_claim_released_mid_scan_is_not_a_deletion() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        let (_dir, root, engine) = fresh_engine();
         std::fs::write(root.join("f.txt"), b"installed").unwrap();
         engine.scan(None).await.unwrap();
-        assert!(indexed(&engine, "f.txt")
-            .await
-            .is_some_and(|e| !e.record.deleted));
+        assert!(indexed(&engine, "f.txt").await.is_some_and(|r| !r.deleted));
         let claim = engine.claim(vec!["f.txt".to_string()]);
         assert!(claim.busy.is_empty());
         let guard = claim.guard;
         *engine.after_walk.lock().unwrap() = Some(Box::new(move || drop(guard)));
         engine.scan(None).await.unwrap();
         assert!(engine.after_walk.lock().unwrap().is_none(), "hook ran");
-        let entry = indexed(&engine, "f.txt").await.unwrap();
-        assert!(!entry.record.deleted, "taken as deleted: {entry:?}");
+        let record = indexed(&engine, "f.txt").await.unwrap();
+        assert!(!record.deleted, "taken as deleted: {record:?}");
     }
 
     /// What exists but cannot be read (a folder or a file without permission) is
@@ -852,8 +849,8 @@ mod tests {
             assert_eq!(denied.kind(), std::io::ErrorKind::PermissionDenied);
             engine.scan(None).await.unwrap();
             for path in ["private/a.txt", "secret.txt"] {
-                let entry = indexed(&engine, path).await.unwrap();
-                assert!(!entry.record.deleted, "{path} taken as deleted");
+                let record = indexed(&engine, path).await.unwrap();
+                assert!(!record.deleted, "{path} taken as deleted");
             }
         });
         mode("private", 0o755);

@@ -71,6 +71,16 @@ impl TestEnv {
         (a, b)
     }
 
+    /// Nodes `a` and `b`, b dialing a through a [`Relay`] that can cut the link,
+    /// once both see the session.
+    pub async fn pair_via_relay(&self) -> (NodeHandle, Relay, NodeHandle) {
+        let a = self.start("a", &[]).await;
+        let relay = Relay::start(a.local_addr()).await;
+        let b = self.start("b", &[relay.addr]).await;
+        wait_connected(&[&a, &b]).await;
+        (a, relay, b)
+    }
+
     /// A node that serves and lists but never applies peers' changes, so that
     /// listings of diverging trees stay as they are.
     pub async fn start_send_only(&self, name: &str, peers: &[SocketAddr]) -> NodeHandle {
@@ -279,6 +289,16 @@ pub fn count_files(root: &Path) -> usize {
         }
     }
     n
+}
+
+/// Sets the modification time of the file `root/rel`.
+pub fn set_mtime(root: &Path, rel: &str, when: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(root.join(rel))
+        .expect("file to stamp")
+        .set_modified(when)
+        .expect("mtime set");
 }
 
 /// Waits until `root/rel` exists with exactly `content`.
