@@ -122,30 +122,39 @@ async fn handle_stream(
             return;
         }
     };
+    // Every request but a file fetch is rare or long-lived: boxed, so the task
+    // spawned per stream (one per file transferred) stays small.
     let result = match request {
         Message::Hello { version, name } => {
-            answer_hello(&shared, &conn, &id, &mut send, version, name).await
+            Box::pin(answer_hello(&shared, &conn, &id, &mut send, version, name)).await
         }
-        Message::ListRequest => answer_list(&shared, &mut send).await,
+        Message::ListRequest => Box::pin(answer_list(&shared, &mut send)).await,
         Message::PeerListRequest if id.role == Role::Node => {
-            answer_peer_list(&shared, &mut send).await
+            Box::pin(answer_peer_list(&shared, &mut send)).await
         }
         Message::Subscribe { index_id, since } if id.role == Role::Node => {
-            serve_subscribe(&shared.engine, &id.name, index_id, since, &mut send).await
+            Box::pin(serve_subscribe(
+                &shared.engine,
+                &id.name,
+                index_id,
+                since,
+                &mut send,
+            ))
+            .await
         }
         Message::FetchRequest { path, hash } if id.role == Role::Node => {
             serve_fetch(&shared.engine, path, hash, &mut send).await
         }
-        Message::WatchRequest => answer_watch(&shared, &mut send).await,
+        Message::WatchRequest => Box::pin(answer_watch(&shared, &mut send)).await,
         request @ (Message::LockRequest { .. }
         | Message::UnlockRequest { .. }
         | Message::LocksRequest)
             if id.role != Role::Node =>
         {
-            answer_locks(&shared, &id, request, &mut send).await
+            Box::pin(answer_locks(&shared, &id, request, &mut send)).await
         }
         Message::StatusRequest => {
-            let status = status(&shared).await;
+            let status = Box::pin(status(&shared)).await;
             write_message(&mut send, &Message::Status(status)).await
         }
         other => {
