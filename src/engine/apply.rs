@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::Connection;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{transfer, Engine, EngineError};
@@ -205,33 +204,38 @@ pub async fn apply_batch(
         &mut applied,
     )
     .await;
+    // At most PARALLEL_FETCHES steps exist as tasks at a time; the others wait as
+    // plain steps (a few hundred bytes each, not a task and its future each).
     let mut parallel = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(PARALLEL_FETCHES));
-    for step in files {
-        let remote_of = step.remote().cloned();
-        let (engine, peer, source, slots, by_path) = (
-            engine.clone(),
-            peer.to_string(),
-            source.clone(),
-            slots.clone(),
-            by_path.clone(),
-        );
-        engine.transfers.queued.fetch_add(1, Ordering::Relaxed);
-        parallel.spawn(async move {
-            let permit = slots.acquire_owned().await;
-            engine.transfers.queued.fetch_sub(1, Ordering::Relaxed);
-            engine.transfers.in_flight.fetch_add(1, Ordering::Relaxed);
-            let r = run_work(engine.clone(), peer.clone(), source, step, &by_path).await;
-            engine.transfers.in_flight.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-            (engine, peer, remote_of, r)
-        });
+    let mut waiting_steps = Waiting::new(engine, files);
+    for _ in 0..PARALLEL_FETCHES {
+        if !spawn_next(
+            &mut parallel,
+            &mut waiting_steps,
+            engine,
+            peer,
+            &source,
+            &by_path,
+        ) {
+            break;
+        }
     }
     // Received files are synced, renamed and committed in chunks while the rest of
     // the batch is still being fetched (the fetch tasks run on meanwhile), so
     // neither side idles through a big batch's install at its end.
     let mut waiting = 0;
-    while let Some(d) = next_done(&mut parallel, &mut applied).await {
+    while let Some(joined) = parallel.join_next().await {
+        spawn_next(
+            &mut parallel,
+            &mut waiting_steps,
+            engine,
+            peer,
+            &source,
+            &by_path,
+        );
+        let Some(d) = finished(joined, &mut applied) else {
+            continue;
+        };
         waiting += usize::from(d.pending.is_some());
         done.push(d);
         if waiting >= COMMIT_EVERY {
@@ -351,7 +355,7 @@ async fn run_work(
             let Source::Peer(conn) = source else {
                 return Err("only a peer's versions are staged".into());
             };
-            super::locks::stage(&engine, &peer, &conn, remote).await
+            Box::pin(super::locks::stage(&engine, &peer, &conn, remote)).await
         }
     }
 }
@@ -408,20 +412,85 @@ fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, appl
 /// A finished parallel step: who ran it, for which record, and how it went.
 type Finished = (Arc<Engine>, String, Option<Record>, Result<Done, String>);
 
-/// The next step of `set` that succeeded (failures are recorded on the way);
-/// `None` once all are done.
-async fn next_done(set: &mut JoinSet<Finished>, applied: &mut Applied) -> Option<Done> {
-    while let Some(joined) = set.join_next().await {
-        let Ok((engine, peer, remote, r)) = joined else {
-            continue;
-        };
-        applied.steps += 1;
-        match r {
-            Ok(d) => return Some(d),
-            Err(e) => fail(&engine, &peer, remote, e, applied),
+/// Steps of a batch not yet started, counted as queued transfers (for `status`)
+/// until they start or the batch is dropped.
+struct Waiting<'a> {
+    engine: &'a Engine,
+    steps: std::vec::IntoIter<Work>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(engine: &'a Engine, steps: Vec<Work>) -> Waiting<'a> {
+        engine
+            .transfers
+            .queued
+            .fetch_add(steps.len() as u64, Ordering::Relaxed);
+        Waiting {
+            engine,
+            steps: steps.into_iter(),
         }
     }
-    None
+
+    fn next(&mut self) -> Option<Work> {
+        let step = self.steps.next()?;
+        self.engine.transfers.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(step)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let left = self.steps.len() as u64;
+        self.engine
+            .transfers
+            .queued
+            .fetch_sub(left, Ordering::Relaxed);
+    }
+}
+
+/// Starts the next waiting step as a task of `set`; false when none is left.
+fn spawn_next(
+    set: &mut JoinSet<Finished>,
+    waiting: &mut Waiting<'_>,
+    engine: &Arc<Engine>,
+    peer: &str,
+    source: &Source,
+    batch: &Arc<Batch>,
+) -> bool {
+    let Some(step) = waiting.next() else {
+        return false;
+    };
+    let remote_of = step.remote().cloned();
+    let (engine, peer, source, batch) = (
+        engine.clone(),
+        peer.to_string(),
+        source.clone(),
+        batch.clone(),
+    );
+    engine.transfers.in_flight.fetch_add(1, Ordering::Relaxed);
+    set.spawn(async move {
+        let r = run_work(engine.clone(), peer.clone(), source, step, &batch).await;
+        engine.transfers.in_flight.fetch_sub(1, Ordering::Relaxed);
+        (engine, peer, remote_of, r)
+    });
+    true
+}
+
+/// The outcome of a finished parallel step: its `Done` if it succeeded (a failure
+/// is recorded in `applied`; a task that panicked or was cancelled is dropped).
+fn finished(
+    joined: Result<Finished, tokio::task::JoinError>,
+    applied: &mut Applied,
+) -> Option<Done> {
+    let (engine, peer, remote, r) = joined.ok()?;
+    applied.steps += 1;
+    match r {
+        Ok(d) => Some(d),
+        Err(e) => {
+            fail(&engine, &peer, remote, e, applied);
+            None
+        }
+    }
 }
 
 /// Received small files are installed and committed every this many, while the
@@ -738,13 +807,14 @@ pub(super) async fn run_step(
             local_source,
         } => {
             let local = batch.entry(&engine, &remote.path).await?;
-            let (stat, bytes, millis, dir) = install_file(
+            // Boxed: a streamed transfer's state is large, and most steps are small files.
+            let (stat, bytes, millis, dir) = Box::pin(install_file(
                 &engine,
                 &source,
                 &remote,
                 local.as_ref(),
                 local_source.as_deref(),
-            )
+            ))
             .await?;
             let event = match &local_source {
                 Some(src) => ev(EventKind::CopiedLocally, &remote.path)
@@ -854,7 +924,18 @@ pub(super) async fn run_step(
             local,
             remote,
             conflict_copy,
-        } => conflict(&engine, &peer, &source, local, remote, conflict_copy).await,
+        } => {
+            // Rare and large: boxed, so every step's future stays small.
+            Box::pin(conflict(
+                &engine,
+                &peer,
+                &source,
+                local,
+                remote,
+                conflict_copy,
+            ))
+            .await
+        }
     }
 }
 
@@ -1456,3 +1537,4 @@ pub fn clean_temp_files(root: &Path) -> usize {
     }
     removed
 }
+
