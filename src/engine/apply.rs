@@ -1126,11 +1126,15 @@ fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{} changed locally since it was indexed; the local change wins for now",
-            abs.display()
-        ))
+        Err(changed_locally(abs))
     }
+}
+
+fn changed_locally(abs: &Path) -> String {
+    format!(
+        "{} changed locally since it was indexed; the local change wins for now",
+        abs.display()
+    )
 }
 
 /// Removes what is at `abs` so that something of another kind can take its place.
@@ -1310,6 +1314,29 @@ impl Target {
     fn place_synced(&self, tmp: &Path) -> Result<StatKey, String> {
         let abs = self.rel.to_path(&self.root);
         let local = self.local.as_ref();
+        if local.is_none_or(|e| e.record.deleted) {
+            // Nothing is indexed here: the rename itself refuses to replace
+            // whatever appeared meanwhile (one call, no window between a check and
+            // the rename). Only a file system without RENAME_NOREPLACE falls back.
+            use rustix::fs::{renameat_with, RenameFlags, CWD};
+            match renameat_with(CWD, tmp, CWD, &abs, RenameFlags::NOREPLACE) {
+                Ok(()) => {
+                    return abs
+                        .symlink_metadata()
+                        .map(|m| StatKey::of(&m))
+                        .map_err(|e| e.to_string())
+                }
+                Err(rustix::io::Errno::EXIST) => {
+                    let _ = fs::remove_file(tmp);
+                    return Err(changed_locally(&abs));
+                }
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
+                Err(e) => {
+                    let _ = fs::remove_file(tmp);
+                    return Err(format!("installing {}: {e}", self.rel));
+                }
+            }
+        }
         let placed = check_unchanged(&abs, local)
             .and_then(|_| clear_for_kind_change(&abs, local, Kind::File))
             .and_then(|_| {
@@ -1538,3 +1565,44 @@ pub fn clean_temp_files(root: &Path) -> usize {
     removed
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(root: &Path, path: &str) -> Target {
+        Target {
+            root: root.to_path_buf(),
+            root_dir: None,
+            rel: RelPath::parse(path).unwrap(),
+            mode: 0o644,
+            modified: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000),
+            hash: ContentHash::of(b"theirs"),
+            local: None,
+        }
+    }
+
+    /// A new file is renamed into place only if nothing took its name meanwhile:
+    /// what appeared there is kept, and the temp file is gone.
+    #[test]
+    fn a_new_file_never_replaces_what_appeared_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), "f.txt");
+        let tmp = t.write_unsynced(b"theirs").unwrap();
+        std::fs::write(dir.path().join("f.txt"), b"made here meanwhile").unwrap();
+        let err = t.place_synced(&tmp).unwrap_err();
+        assert!(err.contains("changed locally"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).unwrap(),
+            b"made here meanwhile"
+        );
+        assert!(!tmp.exists(), "the temp file is removed");
+
+        let t = target(dir.path(), "g.txt");
+        let tmp = t.write_unsynced(b"theirs").unwrap();
+        let stat = t.place_synced(&tmp).unwrap();
+        let placed = dir.path().join("g.txt");
+        assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
+        assert_eq!(stat, StatKey::of(&placed.symlink_metadata().unwrap()));
+        assert!(!tmp.exists());
+    }
+}
