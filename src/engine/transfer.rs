@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,22 +136,28 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
     if current.deleted || current.kind != Kind::File || current.hash != hash {
         return moved_on();
     }
-    let file = match abs.symlink_metadata() {
-        Ok(m) if m.is_file() => File::open(abs),
+    // Opened without following a link (and without blocking on a fifo put in its
+    // place), then checked through the open file: one path lookup, and nothing
+    // swapped in between a check and the open.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow_flags())
+        .open(abs)
+        .and_then(|f| f.metadata().map(|m| (f, m)));
+    let (file, meta) = match opened {
+        Ok((f, m)) if m.is_file() => (f, m),
         Ok(_) => return Found::Refuse(format!("{path} is not a regular file")),
-        Err(e) => Err(e),
-    };
-    let size = current.size;
-    let file = match file {
-        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Found::Refuse(format!("{path} is not a regular file"))
+        }
         Err(e) => return Found::Refuse(format!("{path}: {e}")),
     };
+    let size = current.size;
+    if meta.len() < size {
+        return moved_on();
+    }
     if size > SMALL_FILE {
-        return match file.metadata() {
-            Ok(m) if m.len() >= size => Found::Open(file, size),
-            Ok(_) => moved_on(),
-            Err(e) => Found::Refuse(format!("{path}: {e}")),
-        };
+        return Found::Open(file, size);
     }
     let mut bytes = Vec::with_capacity(size as usize);
     match file.take(size).read_to_end(&mut bytes) {
@@ -158,6 +165,11 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
         Ok(_) => moved_on(),
         Err(e) => Found::Refuse(format!("{path}: {e}")),
     }
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK`: a link is refused (`ELOOP`), a fifo does not block.
+fn no_follow_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
 }
 
 /// Fetches a small file whole into memory, checking its size and hash.
@@ -289,5 +301,46 @@ impl Counters {
             self.in_flight.load(Ordering::Relaxed),
             self.queued.load(Ordering::Relaxed),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::STATE_DIR_NAME;
+
+    /// The served file is the indexed one at its path: a link or a fifo put in its
+    /// place is refused (not followed, not waited on), even with the same content.
+    #[tokio::test]
+    async fn a_link_or_fifo_in_place_of_an_indexed_file_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        std::fs::write(root.join("f.txt"), b"secret").unwrap();
+        engine.scan(None).await.unwrap();
+        let hash = engine.record("f.txt").await.unwrap().unwrap().hash;
+        let abs = root.join("f.txt");
+        assert!(
+            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Bytes(b) if b == b"secret")
+        );
+
+        std::fs::write(dir.path().join("outside.txt"), b"secret").unwrap();
+        std::fs::remove_file(&abs).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside.txt"), &abs).unwrap();
+        assert!(
+            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Refuse(r) if r.contains("not a regular file"))
+        );
+
+        std::fs::remove_file(&abs).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &abs,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        assert!(
+            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Refuse(r) if r.contains("not a regular file"))
+        );
     }
 }
