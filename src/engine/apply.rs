@@ -1000,8 +1000,36 @@ async fn conflict(
     }
     let copy_entry = local_entry(engine, &copy).await?;
     let copy_abs = rel_abs(&engine.root, &copy)?;
+    #[cfg(test)]
+    if let Some(hook) = engine
+        .before_move_aside
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        hook();
+    }
     fs::rename(&abs, &copy_abs).map_err(|e| format!("moving {} aside: {e}", local.path))?;
     let copy_stat = copy_abs.symlink_metadata().map(|m| StatKey::of(&m)).ok();
+    // A local write since the check above went aside with the rename: then the
+    // copy is not the version the record describes. It is not remembered as our
+    // write, and is scanned right after the commit, so the newer local version is
+    // versioned and synced (not masked as our echo, with a hash no one can fetch).
+    let moved_is_indexed = match local.kind {
+        Kind::File => ContentHash::of_file(&copy_abs).ok() == Some(local.hash),
+        Kind::Symlink => {
+            fs::read_link(&copy_abs)
+                .ok()
+                .and_then(|t| t.to_str().map(str::to_owned))
+                == local.target
+        }
+        Kind::Dir => true,
+    };
+    let (copy_stat, rescan) = if moved_is_indexed {
+        (copy_stat, vec![])
+    } else {
+        (None, vec![copy.clone()])
+    };
     let mut copy_version = copy_entry.map(|e| e.record.version).unwrap_or_default();
     copy_version.bump(&engine.name);
     let copy_record = Record {
@@ -1060,7 +1088,7 @@ async fn conflict(
         ],
         event: Some(event),
         dirs,
-        rescan: vec![],
+        rescan,
         enqueue: vec![],
         pending: None,
     })
@@ -1604,5 +1632,55 @@ mod tests {
         assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
         assert_eq!(stat, StatKey::of(&placed.symlink_metadata().unwrap()));
         assert!(!tmp.exists());
+    }
+
+    /// The local version is moved aside as the conflict copy. A local write that
+    /// lands between the conflict's check and that move goes aside with it: the
+    /// copy is then not what the record says, so it must be rescanned, not
+    /// remembered as our own write (which masked it: the index kept a hash the
+    /// node could no longer serve, and the peer retried forever; soak seed 130).
+    #[tokio::test]
+    async fn a_local_write_moved_aside_by_a_conflict_is_rescanned() {
+        for edit in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            std::fs::create_dir(&root).unwrap();
+            let engine =
+                Engine::open("b", &root, &root.join(crate::index::STATE_DIR_NAME)).unwrap();
+            std::fs::write(root.join("b.txt"), b"b's version").unwrap();
+            engine.scan(None).await.unwrap();
+            let local = engine.record("b.txt").await.unwrap().unwrap();
+            let mut version = crate::sync::version::VersionVector::default();
+            version.bump("a");
+            let remote = Record {
+                version,
+                deleted: true,
+                modified_by: "a".into(),
+                ..local.clone()
+            };
+            if edit {
+                let abs = root.join("b.txt");
+                *engine.before_move_aside.lock().unwrap() = Some(Box::new(move || {
+                    std::fs::write(abs, b"edited while the conflict was decided").unwrap()
+                }));
+            }
+            let copy = "b.sync-conflict-20261201-000000-b.txt".to_string();
+            let source = Source::Staged(PathBuf::new());
+            let done = conflict(&engine, "a", &source, local, remote, copy.clone())
+                .await
+                .unwrap();
+            let saved = std::fs::read(root.join(&copy)).unwrap();
+            let update = &done.updates[0];
+            assert_eq!(update.record.path, copy);
+            if edit {
+                assert_eq!(saved, b"edited while the conflict was decided");
+                assert!(update.stat.is_none(), "not remembered as our write");
+                assert_eq!(done.rescan, vec![copy]);
+            } else {
+                assert_eq!(saved, b"b's version");
+                assert!(update.stat.is_some());
+                assert!(done.rescan.is_empty());
+            }
+        }
     }
 }

@@ -120,6 +120,9 @@ pub struct Engine {
     /// Run once between a scan's walk and its change detection (tests of races).
     #[cfg(test)]
     after_walk: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once just before a conflict moves the local version aside (tests).
+    #[cfg(test)]
+    pub(crate) before_move_aside: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Looks up cached hashes in the index entries loaded for a scan.
@@ -211,6 +214,8 @@ impl Engine {
             me: me.clone(),
             #[cfg(test)]
             after_walk: Mutex::default(),
+            #[cfg(test)]
+            before_move_aside: Mutex::default(),
         }))
     }
 
