@@ -257,6 +257,40 @@ async fn a_refused_install_rescans_the_path_instead_of_waiting_for_an_event() {
     a.shutdown().await;
 }
 
+/// A peer's rename that cannot be applied (a file the index does not know yet is
+/// in the way) is retried with the deletion of its source: the deletion is part
+/// of the rename, not a record to drop with it (release soak, seed 132: a kept
+/// the source for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rename_still_deletes_its_source() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    write(&da, "e/f.txt", b"moved on b");
+    let mut ca = env.config("a", &[]);
+    ca.watch = false;
+    let a = dirsync::node::start(ca).await.unwrap();
+    let b = env.start("b", &[a.local_addr()]).await;
+    wait_content(&db, "e/f.txt", b"moved on b").await;
+    let log = EventLog::of(&a);
+    // On a's disk, unknown to a's index (a has no watcher): the rename's target.
+    write(&da, "d/g.txt", b"made on a");
+    std::fs::create_dir_all(db.join("d")).unwrap();
+    std::fs::rename(db.join("e/f.txt"), db.join("d/g.txt")).unwrap();
+    log.wait_for("d/g.txt", |e| e.event == EventKind::Failed)
+        .await;
+    wait_gone(&da, "e/f.txt").await;
+    wait_same_trees(&[&da, &db], T).await;
+    // Nothing lost: both versions of d/g.txt are on both nodes.
+    let contents: Vec<Vec<u8>> = std::fs::read_dir(da.join("d"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(contents.iter().any(|c| c == b"made on a"), "{contents:?}");
+    assert!(contents.iter().any(|c| c == b"moved on b"), "{contents:?}");
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_converges_through_the_middle_node() {
     let env = TestEnv::new();

@@ -277,10 +277,17 @@ enum Work {
 }
 
 impl Work {
-    fn remote(&self) -> Option<&Record> {
+    /// The peer's records this work applies: all of them are retried if it fails
+    /// (a rename carries the tombstone of its source too).
+    fn records(&self) -> Vec<Record> {
         match self {
-            Work::Apply(step) => step_remote(step),
-            Work::Stage(r) => Some(r),
+            Work::Apply(Step::Rename {
+                remote,
+                from_tombstone,
+                ..
+            }) => vec![remote.clone(), from_tombstone.clone()],
+            Work::Apply(step) => step_remote(step).into_iter().cloned().collect(),
+            Work::Stage(r) => vec![r.clone()],
         }
     }
 }
@@ -371,7 +378,7 @@ async fn run_in_order(
     applied: &mut Applied,
 ) {
     for step in steps {
-        let remote = step.remote().cloned();
+        let records = step.records();
         match run_work(
             engine.clone(),
             peer.to_string(),
@@ -382,14 +389,15 @@ async fn run_in_order(
         .await
         {
             Ok(d) => done.push(d),
-            Err(e) => fail(engine, peer, remote, e, applied),
+            Err(e) => fail(engine, peer, records, e, applied),
         }
         applied.steps += 1;
     }
 }
 
-fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, applied: &mut Applied) {
-    let path = remote.as_ref().map(|r| r.path.clone()).unwrap_or_default();
+/// Records that `records` (a failed step's) are to be retried, and says so.
+fn fail(engine: &Engine, peer: &str, records: Vec<Record>, error: String, applied: &mut Applied) {
+    let path = records.first().map(|r| r.path.clone()).unwrap_or_default();
     tracing::debug!("{}: {path} from {peer} failed: {error}", engine.name);
     engine.emit(
         Event::new(&engine.name, EventKind::Failed)
@@ -397,7 +405,7 @@ fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, appl
             .peer(peer)
             .detail(error),
     );
-    if let Some(r) = remote {
+    for r in records {
         // Whatever failed, the disk may no longer be what the index says (a local
         // edit or deletion under the install): look at the path again once this
         // batch lets go of it, even if no event comes and even if it looks like
@@ -409,8 +417,8 @@ fn fail(engine: &Engine, peer: &str, remote: Option<Record>, error: String, appl
     }
 }
 
-/// A finished parallel step: who ran it, for which record, and how it went.
-type Finished = (Arc<Engine>, String, Option<Record>, Result<Done, String>);
+/// A finished parallel step: who ran it, for which records, and how it went.
+type Finished = (Arc<Engine>, String, Vec<Record>, Result<Done, String>);
 
 /// Steps of a batch not yet started, counted as queued transfers (for `status`)
 /// until they start or the batch is dropped.
@@ -460,7 +468,7 @@ fn spawn_next(
     let Some(step) = waiting.next() else {
         return false;
     };
-    let remote_of = step.remote().cloned();
+    let records = step.records();
     let (engine, peer, source, batch) = (
         engine.clone(),
         peer.to_string(),
@@ -471,7 +479,7 @@ fn spawn_next(
     set.spawn(async move {
         let r = run_work(engine.clone(), peer.clone(), source, step, &batch).await;
         engine.transfers.in_flight.fetch_sub(1, Ordering::Relaxed);
-        (engine, peer, remote_of, r)
+        (engine, peer, records, r)
     });
     true
 }
@@ -482,12 +490,12 @@ fn finished(
     joined: Result<Finished, tokio::task::JoinError>,
     applied: &mut Applied,
 ) -> Option<Done> {
-    let (engine, peer, remote, r) = joined.ok()?;
+    let (engine, peer, records, r) = joined.ok()?;
     applied.steps += 1;
     match r {
         Ok(d) => Some(d),
         Err(e) => {
-            fail(&engine, &peer, remote, e, applied);
+            fail(&engine, &peer, records, e, applied);
             None
         }
     }
@@ -547,8 +555,8 @@ async fn finish_pending(
                 ready.push(d)
             }
             Err(e) => {
-                let remote = d.updates.into_iter().next().map(|u| u.record);
-                fail(engine, peer, remote, e, applied);
+                let records = d.updates.into_iter().take(1).map(|u| u.record).collect();
+                fail(engine, peer, records, e, applied);
             }
         }
     }
