@@ -208,15 +208,11 @@ pub async fn apply_batch(
     // plain steps (a few hundred bytes each, not a task and its future each).
     let mut parallel = JoinSet::new();
     let mut waiting_steps = Waiting::new(engine, files);
+    let mut start_next = |set: &mut JoinSet<Finished>| {
+        spawn_next(set, &mut waiting_steps, engine, peer, &source, &by_path)
+    };
     for _ in 0..PARALLEL_FETCHES {
-        if !spawn_next(
-            &mut parallel,
-            &mut waiting_steps,
-            engine,
-            peer,
-            &source,
-            &by_path,
-        ) {
+        if !start_next(&mut parallel) {
             break;
         }
     }
@@ -225,14 +221,7 @@ pub async fn apply_batch(
     // neither side idles through a big batch's install at its end.
     let mut waiting = 0;
     while let Some(joined) = parallel.join_next().await {
-        spawn_next(
-            &mut parallel,
-            &mut waiting_steps,
-            engine,
-            peer,
-            &source,
-            &by_path,
-        );
+        start_next(&mut parallel);
         let Some(d) = finished(joined, &mut applied) else {
             continue;
         };
