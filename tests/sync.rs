@@ -240,10 +240,7 @@ async fn a_refused_install_rescans_the_path_instead_of_waiting_for_an_event() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
     write(&da, "f.txt", b"first");
-    let mut ca = env.config("a", &[]);
-    ca.watch = false;
-    let a = dirsync::node::start(ca).await.unwrap();
-    let b = env.start("b", &[a.local_addr()]).await;
+    let (a, b) = pair_unwatched_a(&env).await;
     wait_content(&db, "f.txt", b"first").await;
     let log = EventLog::of(&a);
     // Gone on a's disk, unknown to a's index.
@@ -257,6 +254,16 @@ async fn a_refused_install_rescans_the_path_instead_of_waiting_for_an_event() {
     a.shutdown().await;
 }
 
+/// Node a without a watcher (changes behind its back stay unknown to its index),
+/// and node b connected to it.
+async fn pair_unwatched_a(env: &TestEnv) -> (dirsync::node::NodeHandle, dirsync::node::NodeHandle) {
+    let mut ca = env.config("a", &[]);
+    ca.watch = false;
+    let a = dirsync::node::start(ca).await.unwrap();
+    let b = env.start("b", &[a.local_addr()]).await;
+    (a, b)
+}
+
 /// A peer's rename that cannot be applied (a file the index does not know yet is
 /// in the way) is retried with the deletion of its source: the deletion is part
 /// of the rename, not a record to drop with it (release soak, seed 132: a kept
@@ -266,10 +273,7 @@ async fn a_refused_rename_still_deletes_its_source() {
     let env = TestEnv::new();
     let (da, db) = (env.dir("a"), env.dir("b"));
     write(&da, "e/f.txt", b"moved on b");
-    let mut ca = env.config("a", &[]);
-    ca.watch = false;
-    let a = dirsync::node::start(ca).await.unwrap();
-    let b = env.start("b", &[a.local_addr()]).await;
+    let (a, b) = pair_unwatched_a(&env).await;
     wait_content(&db, "e/f.txt", b"moved on b").await;
     let log = EventLog::of(&a);
     // On a's disk, unknown to a's index (a has no watcher): the rename's target.
