@@ -73,8 +73,11 @@ async fn wait_caught_up(
     b: &NodeHandle,
     mut events: tokio::sync::broadcast::Receiver<dirsync::events::Event>,
     limit: Duration,
+    since: Instant,
 ) -> bool {
     use tokio::sync::broadcast::error::RecvError;
+    let mut first: Option<Duration> = None;
+    let mut last = Duration::ZERO;
     let want = a.engine().totals().await.expect("totals");
     let deadline = Instant::now() + limit;
     let mut installed = 0u64;
@@ -84,6 +87,8 @@ async fn wait_caught_up(
             Ok(Ok(e)) => {
                 if matches!(e.event, EventKind::Received | EventKind::CopiedLocally) {
                     installed += 1;
+                    last = since.elapsed();
+                    first.get_or_insert(last);
                 }
                 installed >= want.0 || last_check.elapsed() > Duration::from_millis(500)
             }
@@ -92,6 +97,14 @@ async fn wait_caught_up(
         };
         if check {
             if b.engine().totals().await.expect("totals") == want {
+                if let Some(first) = first {
+                    println!(
+                        "  (first file installed on b at {:.3} s, last at {:.3} s, index equal at {:.3} s)",
+                        first.as_secs_f64(),
+                        last.as_secs_f64(),
+                        since.elapsed().as_secs_f64()
+                    );
+                }
                 return true;
             }
             last_check = Instant::now();
@@ -225,7 +238,7 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
     let indexed = t.elapsed();
     let b_config = bench.config("b", &db, &[&a]);
     let b = node::start(b_config.clone()).await.expect("b");
-    let ok = wait_caught_up(&a, &b, b.events(), Duration::from_secs(600)).await;
+    let ok = wait_caught_up(&a, &b, b.events(), Duration::from_secs(600), t).await;
     let ours = t.elapsed();
     let cpu = cpu_seconds() - cpu;
     println!(
