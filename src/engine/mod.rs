@@ -529,7 +529,7 @@ impl Engine {
         // cheaper than as many scoped look-ups.
         let scopes = scopes.filter(|list| list.len() <= FULL_SCAN_ABOVE);
         let mut entries: HashMap<String, Entry> = HashMap::new();
-        {
+        let seq_read = {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             let list = match &scopes {
                 None => store.all()?,
@@ -543,7 +543,8 @@ impl Engine {
                 })?,
             };
             entries.extend(list.into_iter().map(|e| (e.record.path.clone(), e)));
-        }
+            store.max_seq()
+        };
         let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
         let ctx = Ctx {
             entries: &entries,
@@ -634,24 +635,28 @@ impl Engine {
         // The entries were read before the walk: a path a peer's batch installed
         // meanwhile has moved on in the index, and comparing the disk with the stale
         // entry would invent a local edit concurrent with the peer's version. Such
-        // paths are left for a recheck against the fresh entry.
+        // paths are left for a recheck against the fresh entry. Every change of a
+        // record takes a new sequence number: if the highest is the one seen when
+        // the entries were read, no entry moved on (and no path needs a look-up).
         let mut raced = Vec::new();
-        changes.updates.retain(|u| {
-            let before = entries.get(&u.record.path).map(|e| e.record.seq);
-            let now = store
-                .get(&u.record.path)
-                .ok()
-                .map(|e| e.map(|e| e.record.seq));
-            let same = now == Some(before);
-            if !same {
-                raced.push(u.record.path.clone());
-            }
-            same
-        });
-        changes.refreshed.retain(|(path, _)| {
-            let before = entries.get(path).map(|e| e.record.seq);
-            store.get(path).ok().map(|e| e.map(|e| e.record.seq)) == Some(before)
-        });
+        if store.max_seq() != seq_read {
+            changes.updates.retain(|u| {
+                let before = entries.get(&u.record.path).map(|e| e.record.seq);
+                let now = store
+                    .get(&u.record.path)
+                    .ok()
+                    .map(|e| e.map(|e| e.record.seq));
+                let same = now == Some(before);
+                if !same {
+                    raced.push(u.record.path.clone());
+                }
+                same
+            });
+            changes.refreshed.retain(|(path, _)| {
+                let before = entries.get(path).map(|e| e.record.seq);
+                store.get(path).ok().map(|e| e.map(|e| e.record.seq)) == Some(before)
+            });
+        }
         if !raced.is_empty() {
             tracing::debug!(
                 "{}: {} paths changed in the index during a scan; rechecking",
