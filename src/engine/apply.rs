@@ -866,7 +866,7 @@ pub(super) async fn run_step(
         }
         Step::Delete { remote } => {
             let local = batch.entry(&engine, &remote.path).await?;
-            let (dir, rescan) = delete(&engine.root, &remote, local.as_ref())?;
+            let (dir, rescan) = delete(&engine.root, &engine.name, &remote, local.as_ref())?;
             if !rescan.is_empty() && only_indexed_children(&engine, &remote.path).await {
                 // What is left is known to the index: its deletions are still on
                 // their way (another batch). Retry rather than resurrect the tree.
@@ -1012,16 +1012,7 @@ async fn conflict(
     // copy is not the version the record describes. It is not remembered as our
     // write, and is scanned right after the commit, so the newer local version is
     // versioned and synced (not masked as our echo, with a hash no one can fetch).
-    let moved_is_indexed = match local.kind {
-        Kind::File => ContentHash::of_file(&copy_abs).ok() == Some(local.hash),
-        Kind::Symlink => {
-            fs::read_link(&copy_abs)
-                .ok()
-                .and_then(|t| t.to_str().map(str::to_owned))
-                == local.target
-        }
-        Kind::Dir => true,
-    };
+    let moved_is_indexed = holds_version(&copy_abs, &local, None);
     let (copy_stat, rescan) = if moved_is_indexed {
         (copy_stat, vec![])
     } else {
@@ -1153,6 +1144,67 @@ fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
     } else {
         Err(changed_locally(abs))
     }
+}
+
+/// Whether what is at `at` is the version `record` describes: a file by `stat`
+/// (if given; ctime is left out, a rename moves it) or else by its hash, a link by
+/// its target.
+fn holds_version(at: &Path, record: &Record, stat: Option<&StatKey>) -> bool {
+    let Ok(meta) = at.symlink_metadata() else {
+        return false;
+    };
+    match record.kind {
+        Kind::File => {
+            let now = StatKey::of(&meta);
+            meta.is_file()
+                && (stat.is_some_and(|s| {
+                    StatKey {
+                        ctime_ns: now.ctime_ns,
+                        ..*s
+                    } == now
+                }) || ContentHash::of_file(at).ok() == Some(record.hash))
+        }
+        Kind::Symlink => {
+            meta.file_type().is_symlink()
+                && fs::read_link(at)
+                    .ok()
+                    .and_then(|t| t.to_str().map(str::to_owned))
+                    == record.target
+        }
+        Kind::Dir => meta.is_dir(),
+    }
+}
+
+/// Keeps a local version that a race left at the temp name `tmp` (where the
+/// start-up clean-up would remove it) as a conflict copy of `rel`, which the scan
+/// then finds and syncs like any file.
+fn keep_as_copy(root: &Path, rel: &RelPath, node: &str, tmp: &Path) {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let when = Timestamp::from_system_time(SystemTime::now());
+    let base = crate::sync::conflict::conflict_name(rel, when, node);
+    for n in 1..=100 {
+        let name = match n {
+            1 => base.as_str().to_string(),
+            n => crate::sync::conflict::numbered(base.as_str(), n),
+        };
+        let Ok(copy) = RelPath::parse(&name) else {
+            break;
+        };
+        match renameat_with(CWD, tmp, CWD, copy.to_path(root), RenameFlags::NOREPLACE) {
+            Ok(()) => {
+                tracing::warn!(
+                    "{node}: {rel} was written locally twice while a peer's version was applied; one of those versions is saved as {copy}"
+                );
+                return;
+            }
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(_) => break,
+        }
+    }
+    tracing::error!(
+        "{node}: a local version of {rel} is left at {} (move it before the node restarts: temp files are removed at start-up)",
+        tmp.display()
+    );
 }
 
 fn changed_locally(abs: &Path) -> String {
@@ -1302,6 +1354,20 @@ struct Target {
     hash: ContentHash,
     /// The local entry the step was planned against.
     local: Option<Entry>,
+    /// This node's name (for a conflict copy's name).
+    node: String,
+}
+
+#[cfg(test)]
+type SwapHook = std::cell::Cell<Option<Box<dyn FnOnce(&Path)>>>;
+
+#[cfg(test)]
+thread_local! {
+    /// Run in [`Target::swap_in`] and [`remove_unchanged`] (on the calling thread)
+    /// with the target path: between the check and the exchange (or the move
+    /// aside), and right after it.
+    static BEFORE_SWAP: SwapHook = const { std::cell::Cell::new(None) };
+    static AFTER_SWAP: SwapHook = const { std::cell::Cell::new(None) };
 }
 
 impl Target {
@@ -1314,6 +1380,7 @@ impl Target {
             modified: system_time(remote.modified),
             hash: remote.hash,
             local,
+            node: engine.name.clone(),
         })
     }
 
@@ -1362,18 +1429,74 @@ impl Target {
                 }
             }
         }
-        let placed = check_unchanged(&abs, local)
-            .and_then(|_| clear_for_kind_change(&abs, local, Kind::File))
-            .and_then(|_| {
-                fs::rename(tmp, &abs).map_err(|e| format!("installing {}: {e}", self.rel))
-            });
-        if let Err(e) = placed {
+        let cleared = check_unchanged(&abs, local)
+            .and_then(|_| clear_for_kind_change(&abs, local, Kind::File));
+        if let Err(e) = cleared {
             let _ = fs::remove_file(tmp);
             return Err(e);
+        }
+        match local.filter(|e| !e.record.deleted && e.record.kind == Kind::File) {
+            Some(entry) => self.swap_in(tmp, &abs, entry)?,
+            None => fs::rename(tmp, &abs).map_err(|e| {
+                let _ = fs::remove_file(tmp);
+                format!("installing {}: {e}", self.rel)
+            })?,
         }
         abs.symlink_metadata()
             .map(|m| StatKey::of(&m))
             .map_err(|e| e.to_string())
+    }
+
+    /// Replaces the indexed local file at `abs` by `tmp` without a window in which a
+    /// local write is lost: the two are exchanged in one call, then what came out
+    /// is checked. If it is not the indexed version (a local write landed after
+    /// [`check_unchanged`]), the exchange is undone and the local write wins for
+    /// now, as if the check had caught it. `tmp` is gone afterwards, whatever
+    /// happens, unless it holds something that is not ours: then it is kept as a
+    /// conflict copy.
+    fn swap_in(&self, tmp: &Path, abs: &Path, entry: &Entry) -> Result<(), String> {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        use std::os::unix::fs::MetadataExt;
+        let fail = |e: String| {
+            let _ = fs::remove_file(tmp);
+            Err(e)
+        };
+        let ours = match tmp.symlink_metadata() {
+            Ok(m) => (m.dev(), m.ino()),
+            Err(e) => return fail(format!("{}: {e}", tmp.display())),
+        };
+        #[cfg(test)]
+        BEFORE_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+        match renameat_with(CWD, tmp, CWD, abs, RenameFlags::EXCHANGE) {
+            Ok(()) => {}
+            // Deleted locally since the check: the deletion wins for now.
+            Err(rustix::io::Errno::NOENT) => return fail(changed_locally(abs)),
+            // A file system without RENAME_EXCHANGE: a plain rename (the check
+            // above is all there is).
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                return fs::rename(tmp, abs)
+                    .or_else(|e| fail(format!("installing {}: {e}", self.rel)))
+            }
+            Err(e) => return fail(format!("installing {}: {e}", self.rel)),
+        }
+        #[cfg(test)]
+        AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+        if holds_version(tmp, &entry.record, entry.stat.as_ref()) {
+            let _ = fs::remove_file(tmp); // the version the peer's replaces
+            return Ok(());
+        }
+        // Put the local write back; `tmp` then holds ours again, unless yet
+        // another write replaced the path meanwhile.
+        let _ = renameat_with(CWD, tmp, CWD, abs, RenameFlags::EXCHANGE);
+        let back = tmp
+            .symlink_metadata()
+            .is_ok_and(|m| (m.dev(), m.ino()) == ours);
+        if back {
+            let _ = fs::remove_file(tmp);
+        } else {
+            keep_as_copy(&self.root, &self.rel, &self.node, tmp);
+        }
+        Err(changed_locally(abs))
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -1517,6 +1640,7 @@ fn make_symlink(
 /// files the peer did not know is kept and rescanned, so it comes back everywhere.
 fn delete(
     root: &Path,
+    node: &str,
     remote: &Record,
     local: Option<&Entry>,
 ) -> Result<(Option<PathBuf>, Vec<String>), String> {
@@ -1526,8 +1650,9 @@ fn delete(
     };
     check_unchanged(&abs, Some(entry))?;
     let r = match entry.record.kind {
+        // A directory holding anything is not removed (see below).
         Kind::Dir => fs::remove_dir(&abs),
-        _ => fs::remove_file(&abs),
+        _ => return remove_unchanged(root, node, &abs, entry).map(|gone| (gone, vec![])),
     };
     match r {
         Ok(()) => Ok((Some(parent_of(&abs)), vec![])),
@@ -1535,6 +1660,44 @@ fn delete(
         Err(_) if entry.record.kind == Kind::Dir => Ok((None, vec![remote.path.clone()])),
         Err(e) => Err(format!("deleting {}: {e}", remote.path)),
     }
+}
+
+/// Removes the file or link at `abs` only if it is the indexed version, with no
+/// window in which a local write is deleted: it is first renamed aside (one call),
+/// then checked. What is not the indexed version goes back (a local write landed
+/// after [`check_unchanged`]: it wins for now), or, if the path was taken again
+/// meanwhile, is kept as a conflict copy. Returns the parent directory to fsync.
+fn remove_unchanged(
+    root: &Path,
+    node: &str,
+    abs: &Path,
+    entry: &Entry,
+) -> Result<Option<PathBuf>, String> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let rel = RelPath::parse(&entry.record.path).map_err(|e| e.to_string())?;
+    let aside = temp_name(abs);
+    #[cfg(test)]
+    BEFORE_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+    match fs::rename(abs, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("deleting {}: {e}", entry.record.path)),
+    }
+    if holds_version(&aside, &entry.record, entry.stat.as_ref()) {
+        return match fs::remove_file(&aside) {
+            Ok(()) => Ok(Some(parent_of(abs))),
+            Err(e) => {
+                let _ = fs::rename(&aside, abs);
+                Err(format!("deleting {}: {e}", entry.record.path))
+            }
+        };
+    }
+    #[cfg(test)]
+    AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+    if renameat_with(CWD, &aside, CWD, abs, RenameFlags::NOREPLACE).is_err() {
+        keep_as_copy(root, &rel, node, &aside);
+    }
+    Err(changed_locally(abs))
 }
 
 fn rename(
@@ -1603,6 +1766,7 @@ mod tests {
             modified: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000),
             hash: ContentHash::of(b"theirs"),
             local: None,
+            node: "b".into(),
         }
     }
 
@@ -1629,6 +1793,207 @@ mod tests {
         assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
         assert_eq!(stat, StatKey::of(&placed.symlink_metadata().unwrap()));
         assert!(!tmp.exists());
+    }
+
+    /// `f.txt` on disk and indexed (with its stat), and a target replacing it.
+    fn indexed(root: &Path, content: &[u8]) -> Target {
+        let abs = root.join("f.txt");
+        std::fs::write(&abs, content).unwrap();
+        let record = Record {
+            path: "f.txt".into(),
+            kind: Kind::File,
+            size: content.len() as u64,
+            modified: Timestamp::from_system_time(SystemTime::now()),
+            mode: 0o644,
+            hash: ContentHash::of(content),
+            target: None,
+            version: Default::default(),
+            deleted: false,
+            modified_by: "b".into(),
+            seq: 1,
+        };
+        let stat = Some(StatKey::of(&abs.symlink_metadata().unwrap()));
+        Target {
+            local: Some(Entry { record, stat }),
+            ..target(root, "f.txt")
+        }
+    }
+
+    /// Names in `dir` other than `f.txt`.
+    fn others(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "f.txt")
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Replacing an indexed file: a local write that lands after the last check
+    /// (an editor's atomic save, an in-place write, a deletion) is never lost; it
+    /// wins for now, as if the check had seen it, and no temp file is left.
+    #[test]
+    fn a_local_write_racing_a_replace_is_kept() {
+        type Edit = fn(&Path);
+        let saves: [(&str, Edit, Option<&[u8]>); 4] = [
+            ("none", |_| {}, Some(b"theirs")),
+            (
+                "atomic save",
+                |abs| {
+                    let new = abs.with_extension("new");
+                    std::fs::write(&new, b"saved by an editor").unwrap();
+                    std::fs::rename(new, abs).unwrap();
+                },
+                Some(b"saved by an editor"),
+            ),
+            (
+                "in-place write",
+                |abs| std::fs::write(abs, b"written in place, longer").unwrap(),
+                Some(b"written in place, longer"),
+            ),
+            ("deletion", |abs| std::fs::remove_file(abs).unwrap(), None),
+        ];
+        for (what, edit, left) in saves {
+            let dir = tempfile::tempdir().unwrap();
+            let t = indexed(dir.path(), b"mine");
+            let tmp = t.write_unsynced(b"theirs").unwrap();
+            BEFORE_SWAP.with(|h| h.set(Some(Box::new(edit))));
+            let placed = t.place_synced(&tmp);
+            assert_eq!(placed.is_ok(), what == "none", "{what}: {placed:?}");
+            if let Err(e) = placed {
+                assert!(e.contains("changed locally"), "{what}: {e}");
+            }
+            assert_eq!(
+                std::fs::read(dir.path().join("f.txt")).ok().as_deref(),
+                left,
+                "{what}"
+            );
+            assert!(
+                others(dir.path()).is_empty(),
+                "{what}: {:?}",
+                others(dir.path())
+            );
+        }
+    }
+
+    /// A second local write between the exchange and its undo: the first is put
+    /// back at the path, the second kept as a conflict copy (nothing at a temp
+    /// name, which the start-up clean-up would remove).
+    #[test]
+    fn a_second_racing_write_is_kept_as_a_conflict_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = indexed(dir.path(), b"mine");
+        let tmp = t.write_unsynced(b"theirs").unwrap();
+        BEFORE_SWAP.with(|h| {
+            h.set(Some(Box::new(|abs: &Path| {
+                std::fs::write(abs, b"first local write").unwrap()
+            })))
+        });
+        AFTER_SWAP.with(|h| {
+            h.set(Some(Box::new(|abs: &Path| {
+                let new = abs.with_extension("new");
+                std::fs::write(&new, b"second local write").unwrap();
+                std::fs::rename(new, abs).unwrap();
+            })))
+        });
+        let err = t.place_synced(&tmp).unwrap_err();
+        assert!(err.contains("changed locally"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).unwrap(),
+            b"first local write"
+        );
+        let copies = others(dir.path());
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        assert!(
+            crate::sync::conflict::is_conflict_copy(&copies[0]),
+            "{copies:?}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(&copies[0])).unwrap(),
+            b"second local write"
+        );
+    }
+
+    /// Deleting an indexed file: a local write that lands after the last check is
+    /// never deleted; it stays (the local write wins for now), and no temp file
+    /// is left. A second write meanwhile keeps the first as a conflict copy.
+    #[test]
+    fn a_local_write_racing_a_delete_is_kept() {
+        type Edit = fn(&Path);
+        let cases: [(&str, Edit, Option<&[u8]>); 4] = [
+            ("none", |_| {}, None),
+            (
+                "atomic save",
+                |abs| {
+                    let new = abs.with_extension("new");
+                    std::fs::write(&new, b"saved by an editor").unwrap();
+                    std::fs::rename(new, abs).unwrap();
+                },
+                Some(b"saved by an editor"),
+            ),
+            (
+                "in-place write",
+                |abs| std::fs::write(abs, b"written in place, longer").unwrap(),
+                Some(b"written in place, longer"),
+            ),
+            ("deletion", |abs| std::fs::remove_file(abs).unwrap(), None),
+        ];
+        for (what, edit, left) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let entry = indexed(dir.path(), b"mine").local.unwrap();
+            let remote = Record {
+                deleted: true,
+                ..entry.record.clone()
+            };
+            BEFORE_SWAP.with(|h| h.set(Some(Box::new(edit))));
+            let deleted = delete(dir.path(), "b", &remote, Some(&entry));
+            let raced = what == "atomic save" || what == "in-place write";
+            assert_eq!(deleted.is_err(), raced, "{what}: {deleted:?}");
+            assert_eq!(
+                std::fs::read(dir.path().join("f.txt")).ok().as_deref(),
+                left,
+                "{what}"
+            );
+            assert!(
+                others(dir.path()).is_empty(),
+                "{what}: {:?}",
+                others(dir.path())
+            );
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let entry = indexed(dir.path(), b"mine").local.unwrap();
+        let remote = Record {
+            deleted: true,
+            ..entry.record.clone()
+        };
+        BEFORE_SWAP.with(|h| {
+            h.set(Some(Box::new(|abs: &Path| {
+                std::fs::write(abs, b"first local write").unwrap()
+            })))
+        });
+        AFTER_SWAP.with(|h| {
+            h.set(Some(Box::new(|abs: &Path| {
+                std::fs::write(abs, b"second local write").unwrap()
+            })))
+        });
+        let err = delete(dir.path(), "b", &remote, Some(&entry)).unwrap_err();
+        assert!(err.contains("changed locally"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).unwrap(),
+            b"second local write"
+        );
+        let copies = others(dir.path());
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        assert!(
+            crate::sync::conflict::is_conflict_copy(&copies[0]),
+            "{copies:?}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(&copies[0])).unwrap(),
+            b"first local write"
+        );
     }
 
     /// The local version is moved aside as the conflict copy. A local write that
