@@ -850,7 +850,7 @@ pub(super) async fn run_step(
         }
         Step::MakeSymlink { remote } => {
             let local = batch.entry(&engine, &remote.path).await?;
-            let (stat, dir) = make_symlink(&engine.root, &remote, local.as_ref())?;
+            let (stat, dir) = make_symlink(&engine.root, &engine.name, &remote, local.as_ref())?;
             let target = remote.target.clone().unwrap_or_default();
             Ok(Done {
                 updates: vec![Update {
@@ -898,10 +898,14 @@ pub(super) async fn run_step(
                 local_from.as_ref(),
                 local_to.as_ref(),
             )?;
+            let rescan = match stat {
+                Some(_) => vec![],
+                None => vec![remote.path.clone()],
+            };
             let updates = vec![
                 Update {
                     record: remote.clone(),
-                    stat: Some(stat),
+                    stat,
                 },
                 Update {
                     record: from_tombstone,
@@ -912,7 +916,7 @@ pub(super) async fn run_step(
                 updates,
                 event: Some(ev(EventKind::Renamed, &remote.path).detail(from)),
                 dirs,
-                rescan: vec![],
+                rescan,
                 enqueue: vec![],
                 pending: None,
             })
@@ -1043,7 +1047,9 @@ async fn conflict(
                 })
         }
         Kind::Dir => make_dir(&engine.root, &winner, None).map(|(s, _)| Some(s)),
-        Kind::Symlink => make_symlink(&engine.root, &winner, None).map(|(s, _)| Some(s)),
+        Kind::Symlink => {
+            make_symlink(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s))
+        }
     };
     let stat = match installed {
         Ok(s) => s,
@@ -1173,6 +1179,123 @@ fn holds_version(at: &Path, record: &Record, stat: Option<&StatKey>) -> bool {
         }
         Kind::Dir => meta.is_dir(),
     }
+}
+
+/// Puts `new` (a temp file or link of ours, or with `temp` `None` a local file
+/// being renamed) at `abs`, where the index has `local`, never losing what is
+/// there if it is not `local`: see [`place_new`] and [`swap_in`]. On failure a
+/// temp `new` is removed; a renamed one stays where it was.
+fn install_over(
+    new: &Path,
+    abs: &Path,
+    local: Option<&Entry>,
+    temp: Option<(&Path, &RelPath, &str)>,
+) -> Result<(), String> {
+    let Some(entry) = local.filter(|e| !e.record.deleted) else {
+        return place_new(new, abs, temp.is_some());
+    };
+    let checked = check_unchanged(abs, Some(entry)).and_then(|_| match entry.record.kind {
+        // Only an empty directory is removed, and nothing can be lost in that.
+        Kind::Dir => clear_for_kind_change(abs, Some(entry), Kind::File),
+        _ => Ok(()),
+    });
+    if let Err(e) = checked {
+        if temp.is_some() {
+            let _ = fs::remove_file(new);
+        }
+        return Err(e);
+    }
+    match entry.record.kind {
+        Kind::Dir => place_new(new, abs, temp.is_some()),
+        _ => swap_in(new, abs, entry, temp),
+    }
+}
+
+/// Renames `new` to `abs`, where nothing is indexed, refusing to replace whatever
+/// appeared there meanwhile: one call, no window between a check and the rename
+/// (only a file system without `RENAME_NOREPLACE` checks first). On failure `new`
+/// is removed if it is a temp file.
+fn place_new(new: &Path, abs: &Path, temp: bool) -> Result<(), String> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let result = match renameat_with(CWD, new, CWD, abs, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::EXIST) => Err(changed_locally(abs)),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => check_unchanged(abs, None)
+            .and_then(|_| {
+                fs::rename(new, abs).map_err(|e| format!("installing {}: {e}", abs.display()))
+            }),
+        Err(e) => Err(format!("installing {}: {e}", abs.display())),
+    };
+    if result.is_err() && temp {
+        let _ = fs::remove_file(new);
+    }
+    result
+}
+
+/// Replaces the indexed local version at `abs` (a file or a link) by `new`
+/// without a window in which a local write is lost: the two are exchanged in one
+/// call, then what came out is checked. If it is not the indexed version (a local
+/// write landed after [`check_unchanged`]), the exchange is undone and the local
+/// write wins for now, as if the check had caught it.
+///
+/// `temp` says `new` is a temp file of ours, for `(root, rel, node)`: it is gone
+/// afterwards whatever happens, unless a second local write left something else at
+/// its name, which is then kept as a conflict copy. Otherwise `new` is a local file
+/// being renamed: on failure it is left where it was.
+fn swap_in(
+    new: &Path,
+    abs: &Path,
+    entry: &Entry,
+    temp: Option<(&Path, &RelPath, &str)>,
+) -> Result<(), String> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    use std::os::unix::fs::MetadataExt;
+    let fail = |e: String| {
+        if temp.is_some() {
+            let _ = fs::remove_file(new);
+        }
+        Err(e)
+    };
+    let what = || format!("installing {}", abs.display());
+    let ours = match new.symlink_metadata() {
+        Ok(m) => (m.dev(), m.ino()),
+        Err(e) => return fail(format!("{}: {e}", new.display())),
+    };
+    #[cfg(test)]
+    BEFORE_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+    match renameat_with(CWD, new, CWD, abs, RenameFlags::EXCHANGE) {
+        Ok(()) => {}
+        // Deleted locally since the check: the deletion wins for now.
+        Err(rustix::io::Errno::NOENT) => return fail(changed_locally(abs)),
+        // A file system without RENAME_EXCHANGE: a plain rename (the check
+        // above is all there is).
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            return fs::rename(new, abs).or_else(|e| fail(format!("{}: {e}", what())))
+        }
+        Err(e) => return fail(format!("{}: {e}", what())),
+    }
+    #[cfg(test)]
+    AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
+    if holds_version(new, &entry.record, entry.stat.as_ref()) {
+        let _ = fs::remove_file(new); // the version being replaced
+        return Ok(());
+    }
+    // Put the local write back; `new` then holds ours again, unless yet another
+    // write replaced the path meanwhile.
+    let _ = renameat_with(CWD, new, CWD, abs, RenameFlags::EXCHANGE);
+    let back = new
+        .symlink_metadata()
+        .is_ok_and(|m| (m.dev(), m.ino()) == ours);
+    match temp {
+        Some(_) if back => {
+            let _ = fs::remove_file(new);
+        }
+        Some((root, rel, node)) => keep_as_copy(root, rel, node, new),
+        // A renamed file that is not back stays under its old name, which the
+        // scan sees: nothing is at a temp name.
+        None => {}
+    }
+    Err(changed_locally(abs))
 }
 
 /// Keeps a local version that a race left at the temp name `tmp` (where the
@@ -1405,98 +1528,11 @@ impl Target {
     /// what the index says (blocking); the temp file is removed on failure.
     fn place_synced(&self, tmp: &Path) -> Result<StatKey, String> {
         let abs = self.rel.to_path(&self.root);
-        let local = self.local.as_ref();
-        if local.is_none_or(|e| e.record.deleted) {
-            // Nothing is indexed here: the rename itself refuses to replace
-            // whatever appeared meanwhile (one call, no window between a check and
-            // the rename). Only a file system without RENAME_NOREPLACE falls back.
-            use rustix::fs::{renameat_with, RenameFlags, CWD};
-            match renameat_with(CWD, tmp, CWD, &abs, RenameFlags::NOREPLACE) {
-                Ok(()) => {
-                    return abs
-                        .symlink_metadata()
-                        .map(|m| StatKey::of(&m))
-                        .map_err(|e| e.to_string())
-                }
-                Err(rustix::io::Errno::EXIST) => {
-                    let _ = fs::remove_file(tmp);
-                    return Err(changed_locally(&abs));
-                }
-                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
-                Err(e) => {
-                    let _ = fs::remove_file(tmp);
-                    return Err(format!("installing {}: {e}", self.rel));
-                }
-            }
-        }
-        let cleared = check_unchanged(&abs, local)
-            .and_then(|_| clear_for_kind_change(&abs, local, Kind::File));
-        if let Err(e) = cleared {
-            let _ = fs::remove_file(tmp);
-            return Err(e);
-        }
-        match local.filter(|e| !e.record.deleted && e.record.kind == Kind::File) {
-            Some(entry) => self.swap_in(tmp, &abs, entry)?,
-            None => fs::rename(tmp, &abs).map_err(|e| {
-                let _ = fs::remove_file(tmp);
-                format!("installing {}: {e}", self.rel)
-            })?,
-        }
+        let temp = (self.root.as_path(), &self.rel, self.node.as_str());
+        install_over(tmp, &abs, self.local.as_ref(), Some(temp))?;
         abs.symlink_metadata()
             .map(|m| StatKey::of(&m))
             .map_err(|e| e.to_string())
-    }
-
-    /// Replaces the indexed local file at `abs` by `tmp` without a window in which a
-    /// local write is lost: the two are exchanged in one call, then what came out
-    /// is checked. If it is not the indexed version (a local write landed after
-    /// [`check_unchanged`]), the exchange is undone and the local write wins for
-    /// now, as if the check had caught it. `tmp` is gone afterwards, whatever
-    /// happens, unless it holds something that is not ours: then it is kept as a
-    /// conflict copy.
-    fn swap_in(&self, tmp: &Path, abs: &Path, entry: &Entry) -> Result<(), String> {
-        use rustix::fs::{renameat_with, RenameFlags, CWD};
-        use std::os::unix::fs::MetadataExt;
-        let fail = |e: String| {
-            let _ = fs::remove_file(tmp);
-            Err(e)
-        };
-        let ours = match tmp.symlink_metadata() {
-            Ok(m) => (m.dev(), m.ino()),
-            Err(e) => return fail(format!("{}: {e}", tmp.display())),
-        };
-        #[cfg(test)]
-        BEFORE_SWAP.with(|hook| hook.take().map(|h| h(abs)));
-        match renameat_with(CWD, tmp, CWD, abs, RenameFlags::EXCHANGE) {
-            Ok(()) => {}
-            // Deleted locally since the check: the deletion wins for now.
-            Err(rustix::io::Errno::NOENT) => return fail(changed_locally(abs)),
-            // A file system without RENAME_EXCHANGE: a plain rename (the check
-            // above is all there is).
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-                return fs::rename(tmp, abs)
-                    .or_else(|e| fail(format!("installing {}: {e}", self.rel)))
-            }
-            Err(e) => return fail(format!("installing {}: {e}", self.rel)),
-        }
-        #[cfg(test)]
-        AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
-        if holds_version(tmp, &entry.record, entry.stat.as_ref()) {
-            let _ = fs::remove_file(tmp); // the version the peer's replaces
-            return Ok(());
-        }
-        // Put the local write back; `tmp` then holds ours again, unless yet
-        // another write replaced the path meanwhile.
-        let _ = renameat_with(CWD, tmp, CWD, abs, RenameFlags::EXCHANGE);
-        let back = tmp
-            .symlink_metadata()
-            .is_ok_and(|m| (m.dev(), m.ino()) == ours);
-        if back {
-            let _ = fs::remove_file(tmp);
-        } else {
-            keep_as_copy(&self.root, &self.rel, &self.node, tmp);
-        }
-        Err(changed_locally(abs))
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -1610,6 +1646,7 @@ fn make_dir(
 
 fn make_symlink(
     root: &Path,
+    node: &str,
     remote: &Record,
     local: Option<&Entry>,
 ) -> Result<(StatKey, PathBuf), String> {
@@ -1620,15 +1657,10 @@ fn make_symlink(
         .ok_or_else(|| format!("symlink {rel} without a target"))?;
     ensure_parents(root, &rel)?;
     let abs = rel.to_path(root);
-    check_unchanged(&abs, local)?;
-    clear_for_kind_change(&abs, local, Kind::Symlink)?;
     let tmp = temp_name(&abs);
     // The link is created, never followed: its target may point anywhere.
     std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("symlink {rel}: {e}"))?;
-    if let Err(e) = fs::rename(&tmp, &abs) {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!("installing link {rel}: {e}"));
-    }
+    install_over(&tmp, &abs, local, Some((root, &rel, node)))?;
     let stat = abs
         .symlink_metadata()
         .map(|m| StatKey::of(&m))
@@ -1700,34 +1732,45 @@ fn remove_unchanged(
     Err(changed_locally(abs))
 }
 
+/// Renames the local `from` to `remote`'s path. Returns the stat of the result if
+/// it is provably the renamed version (a local write to `from` just before the
+/// rename went with it: then the path must be scanned), and the directories to
+/// fsync.
 fn rename(
     root: &Path,
     from: &str,
     remote: &Record,
     local_from: Option<&Entry>,
     local_to: Option<&Entry>,
-) -> Result<(StatKey, Vec<PathBuf>), String> {
+) -> Result<(Option<StatKey>, Vec<PathBuf>), String> {
     let from_abs = rel_abs(root, from)?;
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     let to_abs = rel.to_path(root);
-    if local_from.is_none_or(|e| e.record.deleted || e.record.hash != remote.hash) {
+    let Some(source) = local_from.filter(|e| !e.record.deleted && e.record.hash == remote.hash)
+    else {
         return Err(format!("{from} no longer has the renamed content"));
-    }
-    check_unchanged(&from_abs, local_from)?;
-    check_unchanged(&to_abs, local_to)?;
+    };
+    check_unchanged(&from_abs, Some(source))?;
     ensure_parents(root, &rel)?;
-    fs::rename(&from_abs, &to_abs).map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
+    install_over(&from_abs, &to_abs, local_to, None)
+        .map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
+    let proven = holds_version(&to_abs, &source.record, source.stat.as_ref());
+    // Opened without following a link: only what was renamed is touched.
     let f = File::options()
         .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&to_abs)
         .map_err(|e| e.to_string())?;
     let _ = f.set_permissions(Permissions::from_mode(remote.mode & 0o777));
     let _ = f.set_modified(system_time(remote.modified));
-    let stat = to_abs
-        .symlink_metadata()
+    let stat = f
+        .metadata()
         .map(|m| StatKey::of(&m))
         .map_err(|e| e.to_string())?;
-    Ok((stat, vec![parent_of(&from_abs), parent_of(&to_abs)]))
+    Ok((
+        proven.then_some(stat),
+        vec![parent_of(&from_abs), parent_of(&to_abs)],
+    ))
 }
 
 /// Removes temporary files an interrupted transfer left behind. Returns how many.
@@ -1994,6 +2037,82 @@ mod tests {
             std::fs::read(dir.path().join(&copies[0])).unwrap(),
             b"first local write"
         );
+    }
+
+    /// A link replacing an indexed file, and a local rename onto an indexed file,
+    /// keep a local write to that file that lands after the check; a rename whose
+    /// source was written just before it moved is not taken as the renamed
+    /// version (no stat: it is rescanned).
+    #[test]
+    fn links_and_renames_keep_racing_local_writes() {
+        let save = |abs: &Path| {
+            let new = abs.with_extension("new");
+            std::fs::write(&new, b"saved by an editor").unwrap();
+            std::fs::rename(new, abs).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let local = indexed(dir.path(), b"mine").local.unwrap();
+        let link = Record {
+            kind: Kind::Symlink,
+            target: Some("elsewhere".into()),
+            ..local.record.clone()
+        };
+        BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
+        let err = make_symlink(dir.path(), "b", &link, Some(&local)).unwrap_err();
+        assert!(err.contains("changed locally"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).unwrap(),
+            b"saved by an editor"
+        );
+        assert!(others(dir.path()).is_empty(), "{:?}", others(dir.path()));
+
+        for edit_source in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let to = indexed(dir.path(), b"old target").local.unwrap();
+            std::fs::write(dir.path().join("g.txt"), b"renamed").unwrap();
+            let from = Entry {
+                record: Record {
+                    path: "g.txt".into(),
+                    size: 7,
+                    hash: ContentHash::of(b"renamed"),
+                    ..to.record.clone()
+                },
+                stat: Some(StatKey::of(
+                    &dir.path().join("g.txt").symlink_metadata().unwrap(),
+                )),
+            };
+            let remote = Record {
+                path: "f.txt".into(),
+                ..from.record.clone()
+            };
+            if edit_source {
+                let g = dir.path().join("g.txt");
+                BEFORE_SWAP.with(|h| {
+                    h.set(Some(Box::new(move |_: &Path| {
+                        std::fs::write(g, b"renamed, then edited").unwrap()
+                    })))
+                });
+                let (stat, _) =
+                    rename(dir.path(), "g.txt", &remote, Some(&from), Some(&to)).unwrap();
+                assert!(
+                    stat.is_none(),
+                    "the edited source is not the renamed version"
+                );
+                assert_eq!(
+                    std::fs::read(dir.path().join("f.txt")).unwrap(),
+                    b"renamed, then edited"
+                );
+            } else {
+                BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
+                let err = rename(dir.path(), "g.txt", &remote, Some(&from), Some(&to)).unwrap_err();
+                assert!(err.contains("changed locally"), "{err}");
+                assert_eq!(
+                    std::fs::read(dir.path().join("f.txt")).unwrap(),
+                    b"saved by an editor"
+                );
+                assert_eq!(std::fs::read(dir.path().join("g.txt")).unwrap(), b"renamed");
+            }
+        }
     }
 
     /// The local version is moved aside as the conflict copy. A local write that
