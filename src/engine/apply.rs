@@ -835,7 +835,7 @@ pub(super) async fn run_step(
         }
         Step::MakeDir { remote } => {
             let local = batch.entry(&engine, &remote.path).await?;
-            let (stat, dir) = make_dir(&engine.root, &remote, local.as_ref())?;
+            let (stat, dir) = make_dir(&engine.root, &engine.name, &remote, local.as_ref())?;
             Ok(Done {
                 updates: vec![Update {
                     record: remote.clone(),
@@ -1046,7 +1046,7 @@ async fn conflict(
                     Some(stat)
                 })
         }
-        Kind::Dir => make_dir(&engine.root, &winner, None).map(|(s, _)| Some(s)),
+        Kind::Dir => make_dir(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s)),
         Kind::Symlink => {
             make_symlink(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s))
         }
@@ -1195,8 +1195,7 @@ fn install_over(
         return place_new(new, abs, temp.is_some());
     };
     let checked = check_unchanged(abs, Some(entry)).and_then(|_| match entry.record.kind {
-        // Only an empty directory is removed, and nothing can be lost in that.
-        Kind::Dir => clear_for_kind_change(abs, Some(entry), Kind::File),
+        Kind::Dir => remove_empty_dir(abs),
         _ => Ok(()),
     });
     if let Err(e) = checked {
@@ -1337,20 +1336,34 @@ fn changed_locally(abs: &Path) -> String {
     )
 }
 
-/// Removes what is at `abs` so that something of another kind can take its place.
-fn clear_for_kind_change(abs: &Path, local: Option<&Entry>, new_kind: Kind) -> Result<(), String> {
+/// Removes the indexed (and just checked) `local` at `abs` so that something of
+/// another kind can take its place: a directory only if empty, a file or link
+/// only if it is still the indexed version ([`remove_unchanged`]).
+fn clear_for_kind_change(
+    root: &Path,
+    node: &str,
+    abs: &Path,
+    local: Option<&Entry>,
+    new_kind: Kind,
+) -> Result<(), String> {
     let Some(e) = local.filter(|e| !e.record.deleted && e.record.kind != new_kind) else {
         return Ok(());
     };
     match e.record.kind {
-        Kind::Dir => fs::remove_dir(abs).map_err(|err| {
-            format!(
-                "replacing directory {} (must be empty): {err}",
-                abs.display()
-            )
-        }),
-        _ => fs::remove_file(abs).map_err(|err| format!("replacing {}: {err}", abs.display())),
+        Kind::Dir => remove_empty_dir(abs),
+        _ => remove_unchanged(root, node, abs, e).map(|_| ()),
     }
+}
+
+/// Removes the directory `abs` for something of another kind, only if empty
+/// (nothing can be lost in that).
+fn remove_empty_dir(abs: &Path) -> Result<(), String> {
+    fs::remove_dir(abs).map_err(|err| {
+        format!(
+            "replacing directory {} (must be empty): {err}",
+            abs.display()
+        )
+    })
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -1622,6 +1635,7 @@ impl Target {
 
 fn make_dir(
     root: &Path,
+    node: &str,
     remote: &Record,
     local: Option<&Entry>,
 ) -> Result<(StatKey, PathBuf), String> {
@@ -1632,7 +1646,7 @@ fn make_dir(
         Ok(m) if m.is_dir() => {}
         _ => {
             check_unchanged(&abs, local)?;
-            clear_for_kind_change(&abs, local, Kind::Dir)?;
+            clear_for_kind_change(root, node, &abs, local, Kind::Dir)?;
             fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
         }
     }
@@ -2039,12 +2053,12 @@ mod tests {
         );
     }
 
-    /// A link replacing an indexed file, and a local rename onto an indexed file,
-    /// keep a local write to that file that lands after the check; a rename whose
-    /// source was written just before it moved is not taken as the renamed
-    /// version (no stat: it is rescanned).
+    /// A link or a directory replacing an indexed file, and a local rename onto an
+    /// indexed file, keep a local write to that file that lands after the check; a
+    /// rename whose source was written just before it moved is not taken as the
+    /// renamed version (no stat: it is rescanned).
     #[test]
-    fn links_and_renames_keep_racing_local_writes() {
+    fn links_dirs_and_renames_keep_racing_local_writes() {
         let save = |abs: &Path| {
             let new = abs.with_extension("new");
             std::fs::write(&new, b"saved by an editor").unwrap();
@@ -2059,6 +2073,20 @@ mod tests {
         };
         BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
         let err = make_symlink(dir.path(), "b", &link, Some(&local)).unwrap_err();
+        assert!(err.contains("changed locally"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).unwrap(),
+            b"saved by an editor"
+        );
+        assert!(others(dir.path()).is_empty(), "{:?}", others(dir.path()));
+
+        let local = indexed(dir.path(), b"mine").local.unwrap();
+        let folder = Record {
+            kind: Kind::Dir,
+            ..local.record.clone()
+        };
+        BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
+        let err = make_dir(dir.path(), "b", &folder, Some(&local)).unwrap_err();
         assert!(err.contains("changed locally"), "{err}");
         assert_eq!(
             std::fs::read(dir.path().join("f.txt")).unwrap(),
