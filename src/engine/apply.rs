@@ -1887,137 +1887,109 @@ mod tests {
         names
     }
 
-    /// Replacing an indexed file: a local write that lands after the last check
-    /// (an editor's atomic save, an in-place write, a deletion) is never lost; it
-    /// wins for now, as if the check had seen it, and no temp file is left.
+    /// A named local edit, and what it leaves at the path.
+    type Race = (&'static str, fn(&Path), Option<&'static [u8]>);
+
+    /// Local edits that race an install.
+    const RACES: [Race; 3] = [
+        ("atomic save", atomic_save, Some(SAVED)),
+        (
+            "in-place write",
+            |abs| std::fs::write(abs, IN_PLACE).unwrap(),
+            Some(IN_PLACE),
+        ),
+        ("deletion", |abs| std::fs::remove_file(abs).unwrap(), None),
+    ];
+    const SAVED: &[u8] = b"saved by an editor";
+    const IN_PLACE: &[u8] = b"written in place, longer";
+
+    /// An editor's save: a new file renamed over the path.
+    fn atomic_save(abs: &Path) {
+        let new = abs.with_extension("new");
+        std::fs::write(&new, SAVED).unwrap();
+        std::fs::rename(new, abs).unwrap();
+    }
+
+    /// Runs `before` between the last check and the swap, `after` right after it.
+    fn race(before: impl FnOnce(&Path) + 'static, after: Option<fn(&Path)>) {
+        BEFORE_SWAP.with(|h| h.set(Some(Box::new(before))));
+        AFTER_SWAP.with(|h| h.set(after.map(|f| Box::new(f) as Box<dyn FnOnce(&Path)>)));
+    }
+
+    /// `f.txt` holds `content` and nothing else is left in `dir` (no temp file).
+    fn assert_left(dir: &Path, content: Option<&[u8]>, what: &str) {
+        let found = std::fs::read(dir.join("f.txt")).ok();
+        assert_eq!(found.as_deref(), content, "{what}");
+        assert!(others(dir).is_empty(), "{what}: {:?}", others(dir));
+    }
+
+    fn assert_changed_locally<T: std::fmt::Debug>(r: Result<T, String>, what: &str) {
+        let e = r.expect_err(what);
+        assert!(e.contains("changed locally"), "{what}: {e}");
+    }
+
+    /// Replacing or deleting an indexed file: a local write that lands after the
+    /// last check (an editor's atomic save, an in-place write) is never lost; it
+    /// wins for now, as if the check had seen it, and no temp file is left. A local
+    /// deletion meanwhile stays a deletion.
     #[test]
-    fn a_local_write_racing_a_replace_is_kept() {
-        type Edit = fn(&Path);
-        let saves: [(&str, Edit, Option<&[u8]>); 4] = [
-            ("none", |_| {}, Some(b"theirs")),
-            (
-                "atomic save",
-                |abs| {
-                    let new = abs.with_extension("new");
-                    std::fs::write(&new, b"saved by an editor").unwrap();
-                    std::fs::rename(new, abs).unwrap();
-                },
-                Some(b"saved by an editor"),
-            ),
-            (
-                "in-place write",
-                |abs| std::fs::write(abs, b"written in place, longer").unwrap(),
-                Some(b"written in place, longer"),
-            ),
-            ("deletion", |abs| std::fs::remove_file(abs).unwrap(), None),
-        ];
-        for (what, edit, left) in saves {
+    fn a_local_write_racing_a_replace_or_delete_is_kept() {
+        let none: fn(&Path) = |_| {};
+        for (what, edit, left) in [("no race", none, Some(&b"theirs"[..]))]
+            .into_iter()
+            .chain(RACES)
+        {
             let dir = tempfile::tempdir().unwrap();
             let t = indexed(dir.path(), b"mine");
             let tmp = t.write_unsynced(b"theirs").unwrap();
-            BEFORE_SWAP.with(|h| h.set(Some(Box::new(edit))));
+            race(edit, None);
             let placed = t.place_synced(&tmp);
-            assert_eq!(placed.is_ok(), what == "none", "{what}: {placed:?}");
-            if let Err(e) = placed {
-                assert!(e.contains("changed locally"), "{what}: {e}");
+            match what {
+                "no race" => assert!(placed.is_ok(), "{placed:?}"),
+                _ => assert_changed_locally(placed, what),
             }
-            assert_eq!(
-                std::fs::read(dir.path().join("f.txt")).ok().as_deref(),
-                left,
-                "{what}"
-            );
-            assert!(
-                others(dir.path()).is_empty(),
-                "{what}: {:?}",
-                others(dir.path())
-            );
+            assert_left(dir.path(), left, what);
         }
-    }
-
-    /// A second local write between the exchange and its undo: the first is put
-    /// back at the path, the second kept as a conflict copy (nothing at a temp
-    /// name, which the start-up clean-up would remove).
-    #[test]
-    fn a_second_racing_write_is_kept_as_a_conflict_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = indexed(dir.path(), b"mine");
-        let tmp = t.write_unsynced(b"theirs").unwrap();
-        BEFORE_SWAP.with(|h| {
-            h.set(Some(Box::new(|abs: &Path| {
-                std::fs::write(abs, b"first local write").unwrap()
-            })))
-        });
-        AFTER_SWAP.with(|h| {
-            h.set(Some(Box::new(|abs: &Path| {
-                let new = abs.with_extension("new");
-                std::fs::write(&new, b"second local write").unwrap();
-                std::fs::rename(new, abs).unwrap();
-            })))
-        });
-        let err = t.place_synced(&tmp).unwrap_err();
-        assert!(err.contains("changed locally"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join("f.txt")).unwrap(),
-            b"first local write"
-        );
-        let copies = others(dir.path());
-        assert_eq!(copies.len(), 1, "{copies:?}");
-        assert!(
-            crate::sync::conflict::is_conflict_copy(&copies[0]),
-            "{copies:?}"
-        );
-        assert_eq!(
-            std::fs::read(dir.path().join(&copies[0])).unwrap(),
-            b"second local write"
-        );
-    }
-
-    /// Deleting an indexed file: a local write that lands after the last check is
-    /// never deleted; it stays (the local write wins for now), and no temp file
-    /// is left. A second write meanwhile keeps the first as a conflict copy.
-    #[test]
-    fn a_local_write_racing_a_delete_is_kept() {
-        type Edit = fn(&Path);
-        let cases: [(&str, Edit, Option<&[u8]>); 4] = [
-            ("none", |_| {}, None),
-            (
-                "atomic save",
-                |abs| {
-                    let new = abs.with_extension("new");
-                    std::fs::write(&new, b"saved by an editor").unwrap();
-                    std::fs::rename(new, abs).unwrap();
-                },
-                Some(b"saved by an editor"),
-            ),
-            (
-                "in-place write",
-                |abs| std::fs::write(abs, b"written in place, longer").unwrap(),
-                Some(b"written in place, longer"),
-            ),
-            ("deletion", |abs| std::fs::remove_file(abs).unwrap(), None),
-        ];
-        for (what, edit, left) in cases {
+        for (what, edit, left) in [("no race", none, None)].into_iter().chain(RACES) {
             let dir = tempfile::tempdir().unwrap();
             let entry = indexed(dir.path(), b"mine").local.unwrap();
             let remote = Record {
                 deleted: true,
                 ..entry.record.clone()
             };
-            BEFORE_SWAP.with(|h| h.set(Some(Box::new(edit))));
+            race(edit, None);
             let deleted = delete(dir.path(), "b", &remote, Some(&entry));
-            let raced = what == "atomic save" || what == "in-place write";
-            assert_eq!(deleted.is_err(), raced, "{what}: {deleted:?}");
-            assert_eq!(
-                std::fs::read(dir.path().join("f.txt")).ok().as_deref(),
-                left,
-                "{what}"
-            );
-            assert!(
-                others(dir.path()).is_empty(),
-                "{what}: {:?}",
-                others(dir.path())
-            );
+            match left {
+                None => assert!(deleted.is_ok(), "{what}: {deleted:?}"),
+                Some(_) => assert_changed_locally(deleted, what),
+            }
+            assert_left(dir.path(), left, what);
         }
+    }
+
+    /// A second local write between the swap and its undo: one local version is
+    /// back at the path, the other kept as a conflict copy (not left at a temp
+    /// name, which the start-up clean-up would remove).
+    #[test]
+    fn a_second_racing_write_is_kept_as_a_conflict_copy() {
+        let first = |abs: &Path| std::fs::write(abs, b"first local write").unwrap();
+        let kept = |dir: &Path, at_path: &[u8], copied: &[u8]| {
+            assert_eq!(std::fs::read(dir.join("f.txt")).unwrap(), at_path);
+            let copies = others(dir);
+            assert_eq!(copies.len(), 1, "{copies:?}");
+            assert!(
+                crate::sync::conflict::is_conflict_copy(&copies[0]),
+                "{copies:?}"
+            );
+            assert_eq!(std::fs::read(dir.join(&copies[0])).unwrap(), copied);
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let t = indexed(dir.path(), b"mine");
+        let tmp = t.write_unsynced(b"theirs").unwrap();
+        race(first, Some(atomic_save));
+        assert_changed_locally(t.place_synced(&tmp), "replace");
+        kept(dir.path(), b"first local write", SAVED);
 
         let dir = tempfile::tempdir().unwrap();
         let entry = indexed(dir.path(), b"mine").local.unwrap();
@@ -2025,32 +1997,9 @@ mod tests {
             deleted: true,
             ..entry.record.clone()
         };
-        BEFORE_SWAP.with(|h| {
-            h.set(Some(Box::new(|abs: &Path| {
-                std::fs::write(abs, b"first local write").unwrap()
-            })))
-        });
-        AFTER_SWAP.with(|h| {
-            h.set(Some(Box::new(|abs: &Path| {
-                std::fs::write(abs, b"second local write").unwrap()
-            })))
-        });
-        let err = delete(dir.path(), "b", &remote, Some(&entry)).unwrap_err();
-        assert!(err.contains("changed locally"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join("f.txt")).unwrap(),
-            b"second local write"
-        );
-        let copies = others(dir.path());
-        assert_eq!(copies.len(), 1, "{copies:?}");
-        assert!(
-            crate::sync::conflict::is_conflict_copy(&copies[0]),
-            "{copies:?}"
-        );
-        assert_eq!(
-            std::fs::read(dir.path().join(&copies[0])).unwrap(),
-            b"first local write"
-        );
+        race(first, Some(atomic_save));
+        assert_changed_locally(delete(dir.path(), "b", &remote, Some(&entry)), "delete");
+        kept(dir.path(), SAVED, b"first local write");
     }
 
     /// A link or a directory replacing an indexed file, and a local rename onto an
@@ -2059,45 +2008,28 @@ mod tests {
     /// renamed version (no stat: it is rescanned).
     #[test]
     fn links_dirs_and_renames_keep_racing_local_writes() {
-        let save = |abs: &Path| {
-            let new = abs.with_extension("new");
-            std::fs::write(&new, b"saved by an editor").unwrap();
-            std::fs::rename(new, abs).unwrap();
-        };
         let dir = tempfile::tempdir().unwrap();
-        let local = indexed(dir.path(), b"mine").local.unwrap();
-        let link = Record {
-            kind: Kind::Symlink,
-            target: Some("elsewhere".into()),
-            ..local.record.clone()
-        };
-        BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
-        let err = make_symlink(dir.path(), "b", &link, Some(&local)).unwrap_err();
-        assert!(err.contains("changed locally"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join("f.txt")).unwrap(),
-            b"saved by an editor"
-        );
-        assert!(others(dir.path()).is_empty(), "{:?}", others(dir.path()));
-
-        let local = indexed(dir.path(), b"mine").local.unwrap();
-        let folder = Record {
-            kind: Kind::Dir,
-            ..local.record.clone()
-        };
-        BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
-        let err = make_dir(dir.path(), "b", &folder, Some(&local)).unwrap_err();
-        assert!(err.contains("changed locally"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join("f.txt")).unwrap(),
-            b"saved by an editor"
-        );
-        assert!(others(dir.path()).is_empty(), "{:?}", others(dir.path()));
+        for kind in [Kind::Symlink, Kind::Dir] {
+            let local = indexed(dir.path(), b"mine").local.unwrap();
+            let remote = Record {
+                kind,
+                target: Some("elsewhere".into()),
+                ..local.record.clone()
+            };
+            race(atomic_save, None);
+            let made = match kind {
+                Kind::Dir => make_dir(dir.path(), "b", &remote, Some(&local)),
+                _ => make_symlink(dir.path(), "b", &remote, Some(&local)),
+            };
+            assert_changed_locally(made, "link or dir");
+            assert_left(dir.path(), Some(SAVED), "link or dir");
+        }
 
         for edit_source in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let to = indexed(dir.path(), b"old target").local.unwrap();
-            std::fs::write(dir.path().join("g.txt"), b"renamed").unwrap();
+            let g = dir.path().join("g.txt");
+            std::fs::write(&g, b"renamed").unwrap();
             let from = Entry {
                 record: Record {
                     path: "g.txt".into(),
@@ -2105,40 +2037,30 @@ mod tests {
                     hash: ContentHash::of(b"renamed"),
                     ..to.record.clone()
                 },
-                stat: Some(StatKey::of(
-                    &dir.path().join("g.txt").symlink_metadata().unwrap(),
-                )),
+                stat: Some(StatKey::of(&g.symlink_metadata().unwrap())),
             };
             let remote = Record {
                 path: "f.txt".into(),
                 ..from.record.clone()
             };
+            let renamed = || rename(dir.path(), "g.txt", &remote, Some(&from), Some(&to));
             if edit_source {
-                let g = dir.path().join("g.txt");
-                BEFORE_SWAP.with(|h| {
-                    h.set(Some(Box::new(move |_: &Path| {
-                        std::fs::write(g, b"renamed, then edited").unwrap()
-                    })))
-                });
-                let (stat, _) =
-                    rename(dir.path(), "g.txt", &remote, Some(&from), Some(&to)).unwrap();
+                let g = g.clone();
+                race(
+                    move |_| std::fs::write(g, b"renamed, then edited").unwrap(),
+                    None,
+                );
+                let (stat, _) = renamed().unwrap();
                 assert!(
                     stat.is_none(),
                     "the edited source is not the renamed version"
                 );
-                assert_eq!(
-                    std::fs::read(dir.path().join("f.txt")).unwrap(),
-                    b"renamed, then edited"
-                );
+                assert_left(dir.path(), Some(b"renamed, then edited"), "edited source");
             } else {
-                BEFORE_SWAP.with(|h| h.set(Some(Box::new(save))));
-                let err = rename(dir.path(), "g.txt", &remote, Some(&from), Some(&to)).unwrap_err();
-                assert!(err.contains("changed locally"), "{err}");
-                assert_eq!(
-                    std::fs::read(dir.path().join("f.txt")).unwrap(),
-                    b"saved by an editor"
-                );
-                assert_eq!(std::fs::read(dir.path().join("g.txt")).unwrap(), b"renamed");
+                race(atomic_save, None);
+                assert_changed_locally(renamed(), "rename");
+                assert_eq!(std::fs::read(&g).unwrap(), b"renamed");
+                assert_eq!(std::fs::read(dir.path().join("f.txt")).unwrap(), SAVED);
             }
         }
     }
