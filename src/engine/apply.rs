@@ -1010,7 +1010,8 @@ async fn conflict(
     {
         hook();
     }
-    fs::rename(&abs, &copy_abs).map_err(|e| format!("moving {} aside: {e}", local.path))?;
+    // Never over something that took the copy's name meanwhile.
+    rename_noreplace(&abs, &copy_abs).map_err(|e| format!("moving {} aside: {e}", local.path))?;
     let copy_stat = copy_abs.symlink_metadata().map(|m| StatKey::of(&m)).ok();
     // A local write since the check above went aside with the rename: then the
     // copy is not the version the record describes. It is not remembered as our
@@ -1054,8 +1055,10 @@ async fn conflict(
     let stat = match installed {
         Ok(s) => s,
         Err(e) => {
-            // Put the local version back where it was: the conflict is retried.
-            if fs::rename(&copy_abs, &abs).is_err() {
+            // Put the local version back where it was (unless something new is
+            // there: then it stays a conflict copy, which the scan syncs): the
+            // conflict is retried.
+            if rename_noreplace(&copy_abs, &abs).is_err() {
                 tracing::warn!("{}: {} stays saved as {copy}", engine.name, local.path);
             }
             return Err(e);
@@ -1215,20 +1218,30 @@ fn install_over(
 /// (only a file system without `RENAME_NOREPLACE` checks first). On failure `new`
 /// is removed if it is a temp file.
 fn place_new(new: &Path, abs: &Path, temp: bool) -> Result<(), String> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    let result = match renameat_with(CWD, new, CWD, abs, RenameFlags::NOREPLACE) {
+    let result = match rename_noreplace(new, abs) {
         Ok(()) => return Ok(()),
-        Err(rustix::io::Errno::EXIST) => Err(changed_locally(abs)),
-        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => check_unchanged(abs, None)
-            .and_then(|_| {
-                fs::rename(new, abs).map_err(|e| format!("installing {}: {e}", abs.display()))
-            }),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(changed_locally(abs)),
         Err(e) => Err(format!("installing {}: {e}", abs.display())),
     };
-    if result.is_err() && temp {
+    if temp {
         let _ = fs::remove_file(new);
     }
     result
+}
+
+/// Renames `from` to `to` unless something is at `to` (`AlreadyExists`): with
+/// `RENAME_NOREPLACE`, or on a file system without it, after a check.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            if to.symlink_metadata().is_ok() {
+                return Err(std::io::ErrorKind::AlreadyExists.into());
+            }
+            fs::rename(from, to)
+        }
+        r => r.map_err(Into::into),
+    }
 }
 
 /// Replaces the indexed local version at `abs` (a file or a link) by `new`
@@ -1301,7 +1314,6 @@ fn swap_in(
 /// start-up clean-up would remove it) as a conflict copy of `rel`, which the scan
 /// then finds and syncs like any file.
 fn keep_as_copy(root: &Path, rel: &RelPath, node: &str, tmp: &Path) {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
     let when = Timestamp::from_system_time(SystemTime::now());
     let base = crate::sync::conflict::conflict_name(rel, when, node);
     for n in 1..=100 {
@@ -1312,14 +1324,14 @@ fn keep_as_copy(root: &Path, rel: &RelPath, node: &str, tmp: &Path) {
         let Ok(copy) = RelPath::parse(&name) else {
             break;
         };
-        match renameat_with(CWD, tmp, CWD, copy.to_path(root), RenameFlags::NOREPLACE) {
+        match rename_noreplace(tmp, &copy.to_path(root)) {
             Ok(()) => {
                 tracing::warn!(
                     "{node}: {rel} was written locally twice while a peer's version was applied; one of those versions is saved as {copy}"
                 );
                 return;
             }
-            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(_) => break,
         }
     }
@@ -1719,7 +1731,6 @@ fn remove_unchanged(
     abs: &Path,
     entry: &Entry,
 ) -> Result<Option<PathBuf>, String> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
     let rel = RelPath::parse(&entry.record.path).map_err(|e| e.to_string())?;
     let aside = temp_name(abs);
     #[cfg(test)]
@@ -1740,7 +1751,7 @@ fn remove_unchanged(
     }
     #[cfg(test)]
     AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
-    if renameat_with(CWD, &aside, CWD, abs, RenameFlags::NOREPLACE).is_err() {
+    if rename_noreplace(&aside, abs).is_err() {
         keep_as_copy(root, &rel, node, &aside);
     }
     Err(changed_locally(abs))
