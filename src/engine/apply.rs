@@ -983,14 +983,15 @@ async fn conflict(
     let abs = rel_abs(&engine.root, &local.path)?;
     check_unchanged(&abs, entry.as_ref())?;
     // Two conflicts on one path within a second would get the same name: number them.
-    // (A name the batch itself brings a record for was numbered by the plan.)
+    // (A name the batch itself brings a record for was numbered by the plan.) A
+    // name the index knows only as deleted counts as taken too: a peer's tombstone
+    // of it may still be on its way (in a later batch), and a copy under it would
+    // be decided against that tombstone instead of syncing as a new file.
     let mut copy = copy;
     let base = copy.clone();
     for n in 2.. {
         let taken = rel_abs(&engine.root, &copy)?.symlink_metadata().is_ok()
-            || local_entry(engine, &copy)
-                .await?
-                .is_some_and(|e| !e.record.deleted);
+            || local_entry(engine, &copy).await?.is_some();
         if !taken {
             break;
         }
