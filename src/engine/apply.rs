@@ -88,6 +88,8 @@ pub(super) struct Done {
 /// A received small file waiting in its temp file for the batch's sync.
 pub(super) struct Pending {
     tmp: PathBuf,
+    /// The temp file's stat once written, to recognise it after the rename.
+    made: StatKey,
     target: Target,
 }
 
@@ -523,7 +525,7 @@ async fn finish_pending(
         pending
             .iter()
             .map(|p| match &synced {
-                Ok(()) => p.target.place_synced(&p.tmp),
+                Ok(()) => p.target.place_synced(&p.tmp, p.made),
                 Err(e) => {
                     let _ = fs::remove_file(&p.tmp);
                     Err(e.clone())
@@ -539,7 +541,10 @@ async fn finish_pending(
         match r {
             Ok(stat) => {
                 if let Some(u) = d.updates.first_mut() {
-                    u.stat = Some(stat);
+                    if stat.is_none() {
+                        d.rescan.push(u.record.path.clone());
+                    }
+                    u.stat = stat;
                 }
                 ready.push(d)
             }
@@ -780,7 +785,7 @@ pub(super) async fn run_step(
                 .run(move || {
                     target
                         .write_unsynced(&bytes)
-                        .map(|tmp| Pending { tmp, target })
+                        .map(|(tmp, made)| Pending { tmp, made, target })
                 })
                 .await
                 .map_err(|e| e.to_string())??;
@@ -821,14 +826,19 @@ pub(super) async fn run_step(
                     .bytes(bytes)
                     .millis(millis),
             };
+            // Not provably what was written: a local edit reached it at once.
+            let rescan = match stat {
+                Some(_) => vec![],
+                None => vec![remote.path.clone()],
+            };
             Ok(Done {
                 updates: vec![Update {
                     record: remote,
-                    stat: Some(stat),
+                    stat,
                 }],
                 event: Some(event),
                 dirs: vec![dir],
-                rescan: vec![],
+                rescan,
                 enqueue: vec![],
                 pending: None,
             })
@@ -1045,7 +1055,7 @@ async fn conflict(
                 .await
                 .map(|(stat, _, _, dir)| {
                     dirs.push(dir);
-                    Some(stat)
+                    stat
                 })
         }
         Kind::Dir => make_dir(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s)),
@@ -1053,7 +1063,12 @@ async fn conflict(
             make_symlink(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s))
         }
     };
+    let mut rescan = rescan;
     let stat = match installed {
+        Ok(None) if winner.kind == Kind::File && !winner.deleted => {
+            rescan.push(winner.path.clone()); // a local edit reached it at once
+            None
+        }
         Ok(s) => s,
         Err(e) => {
             // Put the local version back where it was (unless something new is
@@ -1311,6 +1326,13 @@ fn swap_in(
     Err(changed_locally(abs))
 }
 
+/// The stat of a written temp file (through its descriptor: no path lookup).
+fn made(file: &File) -> Result<StatKey, String> {
+    file.metadata()
+        .map(|m| StatKey::of(&m))
+        .map_err(|e| e.to_string())
+}
+
 /// Keeps a local version that a race left at the temp name `tmp` (where the
 /// start-up clean-up would remove it) as a conflict copy of `rel`, which the scan
 /// then finds and syncs like any file.
@@ -1428,7 +1450,7 @@ async fn install_file(
     remote: &Record,
     local: Option<&Entry>,
     local_source: Option<&str>,
-) -> Result<(StatKey, u64, u64, PathBuf), String> {
+) -> Result<(Option<StatKey>, u64, u64, PathBuf), String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     let abs = rel.to_path(&engine.root);
     let started = Instant::now();
@@ -1535,14 +1557,15 @@ impl Target {
 
     /// Writes `bytes` to a new temp file with mode and mtime set, not yet fsynced
     /// (blocking). Returns the temp file's path.
-    fn write_unsynced(&self, bytes: &[u8]) -> Result<PathBuf, String> {
+    fn write_unsynced(&self, bytes: &[u8]) -> Result<(PathBuf, StatKey), String> {
         let (tmp, mut file) = self.create_temp()?;
         let written = file
             .write_all(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|_| self.set_metadata(&file));
+            .and_then(|_| self.set_metadata(&file))
+            .and_then(|_| made(&file));
         match written {
-            Ok(()) => Ok(tmp),
+            Ok(made) => Ok((tmp, made)),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(e)
@@ -1552,13 +1575,24 @@ impl Target {
 
     /// Renames an already synced temp file over the target if the target is still
     /// what the index says (blocking); the temp file is removed on failure.
-    fn place_synced(&self, tmp: &Path) -> Result<StatKey, String> {
+    ///
+    /// Returns the installed file's stat if the file at the path is provably the
+    /// one written (`made`: same inode, size and mtime; the rename moved only its
+    /// ctime), `None` if a local write reached it right after the rename: then it
+    /// must be rescanned, not remembered as our write (which would mask that edit).
+    fn place_synced(&self, tmp: &Path, made: StatKey) -> Result<Option<StatKey>, String> {
         let abs = self.rel.to_path(&self.root);
         let temp = (self.root.as_path(), &self.rel, self.node.as_str());
         install_over(tmp, &abs, self.local.as_ref(), Some(temp))?;
-        abs.symlink_metadata()
+        let now = abs
+            .symlink_metadata()
             .map(|m| StatKey::of(&m))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok((StatKey {
+            ctime_ns: now.ctime_ns,
+            ..made
+        } == now)
+            .then_some(now))
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -1601,7 +1635,7 @@ impl Target {
     }
 
     /// Writes `content` to a temp file and places it (blocking).
-    fn write(self, content: Ready) -> Result<(StatKey, u64), String> {
+    fn write(self, content: Ready) -> Result<(Option<StatKey>, u64), String> {
         let (tmp, mut file) = self.create_temp()?;
         let written = match content {
             Ready::Copy(src) => {
@@ -1624,15 +1658,18 @@ impl Target {
     /// Sets mode and mtime, fsyncs, and renames the temp file over the target if the
     /// target is still what the index says (blocking). The temp file is removed on
     /// any failure.
-    fn place(&self, tmp: &Path, file: File) -> Result<StatKey, String> {
-        if let Err(e) = self
+    fn place(&self, tmp: &Path, file: File) -> Result<Option<StatKey>, String> {
+        let synced = self
             .set_metadata(&file)
             .and_then(|_| file.sync_all().map_err(|e| e.to_string()))
-        {
-            let _ = fs::remove_file(tmp);
-            return Err(e);
+            .and_then(|_| made(&file));
+        match synced {
+            Ok(made) => self.place_synced(tmp, made),
+            Err(e) => {
+                let _ = fs::remove_file(tmp);
+                Err(e)
+            }
         }
-        self.place_synced(tmp)
     }
 
     /// The record's mode and mtime on the temp file (created with the mode: a
@@ -1845,9 +1882,9 @@ mod tests {
     fn a_new_file_never_replaces_what_appeared_at_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let t = target(dir.path(), "f.txt");
-        let tmp = t.write_unsynced(b"theirs").unwrap();
+        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
         std::fs::write(dir.path().join("f.txt"), b"made here meanwhile").unwrap();
-        let err = t.place_synced(&tmp).unwrap_err();
+        let err = t.place_synced(&tmp, made).unwrap_err();
         assert!(err.contains("changed locally"), "{err}");
         assert_eq!(
             std::fs::read(dir.path().join("f.txt")).unwrap(),
@@ -1856,11 +1893,11 @@ mod tests {
         assert!(!tmp.exists(), "the temp file is removed");
 
         let t = target(dir.path(), "g.txt");
-        let tmp = t.write_unsynced(b"theirs").unwrap();
-        let stat = t.place_synced(&tmp).unwrap();
+        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
+        let stat = t.place_synced(&tmp, made).unwrap();
         let placed = dir.path().join("g.txt");
         assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
-        assert_eq!(stat, StatKey::of(&placed.symlink_metadata().unwrap()));
+        assert_eq!(stat, Some(StatKey::of(&placed.symlink_metadata().unwrap())));
         assert!(!tmp.exists());
     }
 
@@ -1972,9 +2009,9 @@ mod tests {
         {
             let dir = tempfile::tempdir().unwrap();
             let t = indexed(dir.path(), b"mine");
-            let tmp = t.write_unsynced(b"theirs").unwrap();
+            let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
             race(edit, None);
-            let placed = t.place_synced(&tmp);
+            let placed = t.place_synced(&tmp, made);
             match what {
                 "no race" => assert!(placed.is_ok(), "{placed:?}"),
                 _ => assert_changed_locally(placed, what),
@@ -1996,6 +2033,23 @@ mod tests {
             }
             assert_left(dir.path(), left, what);
         }
+    }
+
+    /// A local write that reaches the installed file right after the swap: the
+    /// install stands, but its stat is not taken for the one written (`None`: the
+    /// path is rescanned), so the write is versioned instead of being masked as our
+    /// own echo (soak seed 13: the index kept the peer's hash over the local edit).
+    #[test]
+    fn a_local_write_right_after_an_install_is_not_taken_for_it() {
+        if !exchange_supported() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let t = indexed(dir.path(), b"mine");
+        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
+        race(|_| {}, Some(|abs| std::fs::write(abs, IN_PLACE).unwrap()));
+        assert_eq!(t.place_synced(&tmp, made), Ok(None));
+        assert_left(dir.path(), Some(IN_PLACE), "written after the install");
     }
 
     /// A second local write between the swap and its undo: one local version is
@@ -2020,9 +2074,9 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let t = indexed(dir.path(), b"mine");
-        let tmp = t.write_unsynced(b"theirs").unwrap();
+        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
         race(first, Some(atomic_save));
-        assert_changed_locally(t.place_synced(&tmp), "replace");
+        assert_changed_locally(t.place_synced(&tmp, made), "replace");
         kept(dir.path(), b"first local write", SAVED);
 
         let dir = tempfile::tempdir().unwrap();
