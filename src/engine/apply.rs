@@ -1818,18 +1818,32 @@ fn rename(
     install_over(&from_abs, &to_abs, local_to, None)
         .map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
     let proven = holds_version(&to_abs, &source.record, source.stat.as_ref());
-    // Opened without following a link: only what was renamed is touched.
+    // Opened without following a link (only what was renamed is touched) and
+    // read-only (a read-only file is renamed too; mode and times are its owner's
+    // to set through any descriptor). Only what differs is set: a `mv` keeps both,
+    // and setting the mtime again could hide a write that just landed.
     let f = File::options()
-        .write(true)
+        .read(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&to_abs)
         .map_err(|e| e.to_string())?;
-    let _ = f.set_permissions(Permissions::from_mode(remote.mode & 0o777));
-    let _ = f.set_modified(system_time(remote.modified));
-    let stat = f
-        .metadata()
-        .map(|m| StatKey::of(&m))
-        .map_err(|e| e.to_string())?;
+    let before = f.metadata().map_err(|e| e.to_string())?;
+    let (mode, mtime) = (remote.mode & 0o777, system_time(remote.modified));
+    let mut set = false;
+    if before.permissions().mode() & 0o777 != mode {
+        let _ = f.set_permissions(Permissions::from_mode(mode));
+        set = true;
+    }
+    if before.modified().ok() != Some(mtime) {
+        let _ = f.set_modified(mtime);
+        set = true;
+    }
+    let meta = match set {
+        true => f.metadata().map_err(|e| e.to_string())?,
+        false => before,
+    };
+    let stat = StatKey::of(&meta);
+    let proven = proven && stat.size == source.record.size;
     Ok((
         proven.then_some(stat),
         vec![parent_of(&from_abs), parent_of(&to_abs)],
@@ -2154,6 +2168,54 @@ mod tests {
                 assert_eq!(std::fs::read(dir.path().join("f.txt")).unwrap(), SAVED);
             }
         }
+    }
+
+    /// A read-only file is renamed like any other: its mode and mtime are set
+    /// through a read-only descriptor. (Run as root, the test drops, for its own
+    /// thread, the capability that bypasses permissions.)
+    #[test]
+    fn a_read_only_file_is_renamed_locally() {
+        use rustix::thread::{capabilities, set_capabilities, CapabilitySet};
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("g.txt");
+        std::fs::write(&g, b"renamed").unwrap();
+        std::fs::set_permissions(&g, Permissions::from_mode(0o444)).unwrap();
+        let meta = g.symlink_metadata().unwrap();
+        let from = Entry {
+            record: Record {
+                path: "g.txt".into(),
+                kind: Kind::File,
+                size: 7,
+                modified: Timestamp::from_system_time(meta.modified().unwrap()),
+                mode: 0o444,
+                hash: ContentHash::of(b"renamed"),
+                target: None,
+                version: Default::default(),
+                deleted: false,
+                modified_by: "b".into(),
+                seq: 1,
+            },
+            stat: Some(StatKey::of(&meta)),
+        };
+        let remote = Record {
+            path: "f.txt".into(),
+            modified: Timestamp::from_system_time(SystemTime::UNIX_EPOCH),
+            ..from.record.clone()
+        };
+        let mut caps = capabilities(None).unwrap();
+        caps.effective -= CapabilitySet::DAC_OVERRIDE;
+        set_capabilities(None, caps).unwrap();
+        let renamed = rename(dir.path(), "g.txt", &remote, Some(&from), None);
+        caps.effective |= CapabilitySet::DAC_OVERRIDE;
+        set_capabilities(None, caps).unwrap();
+        let (stat, _) = renamed.unwrap();
+        let f = dir.path().join("f.txt");
+        assert_eq!(stat, Some(StatKey::of(&f.symlink_metadata().unwrap())));
+        assert_eq!(
+            f.metadata().unwrap().modified().unwrap(),
+            SystemTime::UNIX_EPOCH
+        );
+        assert!(!g.exists());
     }
 
     /// The local version is moved aside as the conflict copy. A local write that
