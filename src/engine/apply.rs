@@ -1028,7 +1028,7 @@ async fn conflict(
     // copy is not the version the record describes. It is not remembered as our
     // write, and is scanned right after the commit, so the newer local version is
     // versioned and synced (not masked as our echo, with a hash no one can fetch).
-    let moved_is_indexed = holds_version(&copy_abs, &local, None);
+    let moved_is_indexed = holds_version(&copy_abs, &local, |_| false);
     let (copy_stat, rescan) = if moved_is_indexed {
         (copy_stat, vec![])
     } else {
@@ -1138,31 +1138,13 @@ fn ensure_parents(root: &Path, rel: &RelPath) -> Result<(), String> {
 /// The path on disk is still what the index entry says (or absent, for none or a
 /// tombstone): otherwise a local change happened after planning, and wins.
 fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
-    let meta = abs.symlink_metadata();
-    let live = local.filter(|e| !e.record.deleted);
-    let ok = match (live, &meta) {
-        (None, Err(e)) => e.kind() == std::io::ErrorKind::NotFound,
-        (None, Ok(_)) => false,
-        (Some(_), Err(_)) => false,
-        (Some(e), Ok(m)) => match e.record.kind {
-            Kind::Dir => m.is_dir(),
-            Kind::Symlink => {
-                m.file_type().is_symlink()
-                    && fs::read_link(abs)
-                        .ok()
-                        .and_then(|t| t.to_str().map(str::to_owned))
-                        == e.record.target
-            }
-            Kind::File => {
-                m.is_file()
-                    && match &e.stat {
-                        // A stat that moved without a content change (a touch, a
-                        // backup tool) is not a local edit: the hash decides.
-                        Some(s) if *s == StatKey::of(m) => true,
-                        _ => ContentHash::of_file(abs).ok() == Some(e.record.hash),
-                    }
-            }
-        },
+    let ok = match local.filter(|e| !e.record.deleted) {
+        None => {
+            matches!(abs.symlink_metadata(), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        }
+        // A stat that moved without a content change (a touch, a backup tool) is
+        // not a local edit: the hash decides.
+        Some(e) => holds_version(abs, &e.record, |now| e.stat.as_ref() == Some(now)),
     };
     if ok {
         Ok(())
@@ -1171,23 +1153,17 @@ fn check_unchanged(abs: &Path, local: Option<&Entry>) -> Result<(), String> {
     }
 }
 
-/// Whether what is at `at` is the version `record` describes: a file by `stat`
-/// (if given; ctime is left out, a rename moves it) or else by its hash, a link by
-/// its target.
-fn holds_version(at: &Path, record: &Record, stat: Option<&StatKey>) -> bool {
+/// Whether what is at `at` is the version `record` describes: a file if `proven`
+/// accepts its stat, or else by its hash; a link by its target.
+fn holds_version(at: &Path, record: &Record, proven: impl FnOnce(&StatKey) -> bool) -> bool {
     let Ok(meta) = at.symlink_metadata() else {
         return false;
     };
     match record.kind {
         Kind::File => {
-            let now = StatKey::of(&meta);
             meta.is_file()
-                && (stat.is_some_and(|s| {
-                    StatKey {
-                        ctime_ns: now.ctime_ns,
-                        ..*s
-                    } == now
-                }) || ContentHash::of_file(at).ok() == Some(record.hash))
+                && (proven(&StatKey::of(&meta))
+                    || ContentHash::of_file(at).ok() == Some(record.hash))
         }
         Kind::Symlink => {
             meta.file_type().is_symlink()
@@ -1198,6 +1174,16 @@ fn holds_version(at: &Path, record: &Record, stat: Option<&StatKey>) -> bool {
         }
         Kind::Dir => meta.is_dir(),
     }
+}
+
+/// Whether `now` is `recorded` with only its ctime moved (a rename moves it).
+fn renamed(recorded: Option<&StatKey>, now: &StatKey) -> bool {
+    recorded.is_some_and(|s| {
+        StatKey {
+            ctime_ns: now.ctime_ns,
+            ..*s
+        } == *now
+    })
 }
 
 /// Puts `new` (a temp file or link of ours, or with `temp` `None` a local file
@@ -1304,7 +1290,7 @@ fn swap_in(
     }
     #[cfg(test)]
     AFTER_SWAP.with(|hook| hook.take().map(|h| h(abs)));
-    if holds_version(new, &entry.record, entry.stat.as_ref()) {
+    if holds_version(new, &entry.record, |now| renamed(entry.stat.as_ref(), now)) {
         let _ = fs::remove_file(new); // the version being replaced
         return Ok(());
     }
@@ -1588,11 +1574,7 @@ impl Target {
             .symlink_metadata()
             .map(|m| StatKey::of(&m))
             .map_err(|e| e.to_string())?;
-        Ok((StatKey {
-            ctime_ns: now.ctime_ns,
-            ..made
-        } == now)
-            .then_some(now))
+        Ok(renamed(Some(&made), &now).then_some(now))
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -1778,7 +1760,9 @@ fn remove_unchanged(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("deleting {}: {e}", entry.record.path)),
     }
-    if holds_version(&aside, &entry.record, entry.stat.as_ref()) {
+    if holds_version(&aside, &entry.record, |now| {
+        renamed(entry.stat.as_ref(), now)
+    }) {
         return match fs::remove_file(&aside) {
             Ok(()) => Ok(Some(parent_of(abs))),
             Err(e) => {
@@ -1817,7 +1801,9 @@ fn rename(
     ensure_parents(root, &rel)?;
     install_over(&from_abs, &to_abs, local_to, None)
         .map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
-    let proven = holds_version(&to_abs, &source.record, source.stat.as_ref());
+    let proven = holds_version(&to_abs, &source.record, |now| {
+        renamed(source.stat.as_ref(), now)
+    });
     // Opened without following a link (only what was renamed is touched) and
     // read-only (a read-only file is renamed too; mode and times are its owner's
     // to set through any descriptor). Only what differs is set: a `mv` keeps both,
