@@ -219,21 +219,35 @@ pub async fn apply_batch(
         }
     }
     // Received files are synced, renamed and committed in chunks while the rest of
-    // the batch is still being fetched (the fetch tasks run on meanwhile), so
-    // neither side idles through a big batch's install at its end.
+    // the batch is still being fetched: one chunk installs while new transfers
+    // start, so neither the network nor the disk idles through the other's work.
+    // Chunks install one at a time, in order.
     let mut waiting = 0;
-    while let Some(joined) = parallel.join_next().await {
-        start_next(&mut parallel);
-        let Some(d) = finished(joined, &mut applied) else {
-            continue;
-        };
-        waiting += usize::from(d.pending.is_some());
-        done.push(d);
-        if waiting >= COMMIT_EVERY {
-            waiting = 0;
-            let chunk = std::mem::take(&mut done);
-            let chunk = finish_pending(engine, peer, chunk, &mut applied).await;
-            commit(engine, peer, chunk, None, &mut applied, None, &by_path).await?;
+    let mut installing: Option<std::pin::Pin<Box<ChunkInstall<'_>>>> = None;
+    loop {
+        tokio::select! {
+            installed = async { installing.as_mut().expect("guarded").as_mut().await }, if installing.is_some() => {
+                installing = None;
+                applied.failed.extend(installed?);
+            }
+            joined = parallel.join_next(), if !parallel.is_empty() => {
+                let Some(joined) = joined else { continue };
+                start_next(&mut parallel);
+                let Some(d) = finished(joined, &mut applied) else {
+                    continue;
+                };
+                waiting += usize::from(d.pending.is_some());
+                done.push(d);
+                if waiting >= COMMIT_EVERY {
+                    waiting = 0;
+                    if let Some(previous) = installing.take() {
+                        applied.failed.extend(previous.await?);
+                    }
+                    let chunk = std::mem::take(&mut done);
+                    installing = Some(Box::pin(install_chunk(engine, peer, chunk, &by_path)));
+                }
+            }
+            else => break,
         }
     }
     let done_files = std::mem::take(&mut done);
@@ -499,6 +513,24 @@ const COMMIT_EVERY: usize = 1024;
 /// Below this many received small files, each is fsynced on its own; from this
 /// many on, one `syncfs` flushes them all (one flush instead of one per file).
 const SYNCFS_FROM: usize = 8;
+
+/// A chunk of a batch being installed and committed: the records that failed.
+type ChunkInstall<'a> =
+    dyn std::future::Future<Output = Result<Vec<Record>, EngineError>> + Send + 'a;
+
+/// Installs and commits a chunk of finished steps (without the peer's progress,
+/// which waits for the batch's end); returns the records that failed, to retry.
+async fn install_chunk(
+    engine: &Arc<Engine>,
+    peer: &str,
+    chunk: Vec<Done>,
+    batch: &Batch,
+) -> Result<Vec<Record>, EngineError> {
+    let mut applied = Applied::default();
+    let chunk = finish_pending(engine, peer, chunk, &mut applied).await;
+    commit(engine, peer, chunk, None, &mut applied, None, batch).await?;
+    Ok(applied.failed)
+}
 
 /// Makes received small files durable at once, then renames each into
 /// place (if its target is still what the index says); a file that cannot be
