@@ -1838,8 +1838,10 @@ fn rename(
     });
     // Opened without following a link (only what was renamed is touched) and
     // read-only (a read-only file is renamed too; mode and times are its owner's
-    // to set through any descriptor). Only what differs is set: a `mv` keeps both,
-    // and setting the mtime again could hide a write that just landed.
+    // to set through any descriptor). Only what differs is set: a `mv` keeps both.
+    // Setting either happens with the file already visible under its new name, and
+    // would give a write landing just before it our stat (the mtime we set over
+    // its own): then nothing is proven, and the path is rescanned and hashed.
     let f = File::options()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
@@ -1856,12 +1858,8 @@ fn rename(
         let _ = f.set_modified(mtime);
         set = true;
     }
-    let meta = match set {
-        true => f.metadata().map_err(|e| e.to_string())?,
-        false => before,
-    };
-    let stat = StatKey::of(&meta);
-    let proven = proven && stat.size == source.record.size;
+    let stat = StatKey::of(&before);
+    let proven = proven && !set && stat.size == source.record.size;
     Ok((
         proven.then_some(stat),
         vec![parent_of(&from_abs), parent_of(&to_abs)],
@@ -2228,12 +2226,26 @@ mod tests {
         set_capabilities(None, caps).unwrap();
         let (stat, _) = renamed.unwrap();
         let f = dir.path().join("f.txt");
-        assert_eq!(stat, Some(StatKey::of(&f.symlink_metadata().unwrap())));
         assert_eq!(
             f.metadata().unwrap().modified().unwrap(),
             SystemTime::UNIX_EPOCH
         );
         assert!(!g.exists());
+        // The mtime had to be set after the rename: not proven, rescanned.
+        assert_eq!(stat, None);
+
+        // A plain `mv` (mode and mtime as the record says) is proven by its stat.
+        let moved = Entry {
+            record: remote.clone(),
+            stat: Some(StatKey::of(&f.symlink_metadata().unwrap())),
+        };
+        let back = Record {
+            path: "h.txt".into(),
+            ..remote.clone()
+        };
+        let (stat, _) = rename(dir.path(), "f.txt", &back, Some(&moved), None).unwrap();
+        let h = dir.path().join("h.txt");
+        assert_eq!(stat, Some(StatKey::of(&h.symlink_metadata().unwrap())));
     }
 
     /// The local version is moved aside as the conflict copy. A local write that
