@@ -105,8 +105,15 @@ CREATE TABLE IF NOT EXISTS outvoted (
 );
 ";
 
-const COLUMNS: &str = "path, kind, size, mtime_s, mtime_ns, mode, hash, target, version, deleted, \
-     modified_by, seq, st_size, st_mtime, st_ctime, st_ino, st_dev";
+/// The columns of a file entry, in `read_entry`'s order (a macro, so that the
+/// statements run per request are constants, not formatted each time).
+macro_rules! columns {
+    () => {
+        "path, kind, size, mtime_s, mtime_ns, mode, hash, target, version, deleted, \
+         modified_by, seq, st_size, st_mtime, st_ctime, st_ino, st_dev"
+    };
+}
+const COLUMNS: &str = columns!();
 
 fn kind_code(k: Kind) -> i64 {
     match k {
@@ -232,9 +239,11 @@ impl Store {
 
     /// The entry for `path`, tombstones included.
     pub fn get(&self, path: &str) -> Result<Option<Entry>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM files WHERE path = ?1"))?;
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM files WHERE path = ?1"
+        ))?;
         let mut rows = stmt.query(params![path])?;
         match rows.next()? {
             Some(row) => Ok(Some(read_entry(row)?)),
