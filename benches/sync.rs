@@ -1,5 +1,5 @@
 //! Benchmarks that print figures (never timed assertions): `just bench` or
-//! `cargo bench --bench sync [-- latency small large restart]`.
+//! `cargo bench --bench sync [-- latency small large restart delta]`.
 //!
 //! Both nodes run in this process over loopback QUIC with real certificates.
 //! Reference tools measured in the same run: `cp -a` and an rsync daemon over
@@ -153,40 +153,140 @@ fn time_cmd(cmd: &mut Command) -> Option<Duration> {
 
 /// rsync daemon on loopback serving `src`; copies it into `dst`.
 fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<Duration> {
-    if Command::new("rsync").arg("--version").output().is_err() {
-        println!("  rsync: not installed (apt-get install rsync), skipped");
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let conf = work.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\n[w]\npath = {}\nread only = yes\n",
-            src.display()
-        ),
-    )
-    .ok()?;
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--config={}", conf.display()))
-        .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_millis(300)); // let the daemon bind (one-off, outside timing)
-    let t = time_cmd(
+    let daemon = RsyncDaemon::start(src, work)?;
+    time_cmd(
         Command::new("rsync")
             .arg("-a")
-            .arg(format!("rsync://127.0.0.1:{port}/w/"))
+            .arg(format!("rsync://127.0.0.1:{}/w/", daemon.port))
             .arg(dst),
+    )
+}
+
+/// rsync from the daemon serving `src` into `dst` (which already holds an older
+/// copy, so rsync sends a delta): its time and the bytes it received.
+fn rsync_update(port: u16, dst: &Path) -> Option<(Duration, u64)> {
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        .args(["-a", "--stats"])
+        .arg(format!("rsync://127.0.0.1:{port}/w/"))
+        .arg(dst)
+        .output()
+        .ok()?;
+    let took = t.elapsed();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let received = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Total bytes received: "))?
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()?;
+    out.status.success().then_some((took, received))
+}
+
+/// `gen.py delta` (one 256 MiB file) synced, then changed by `gen.py modify` (4 KiB
+/// overwritten in place) and `gen.py insert` (4 KiB inserted): the time until b
+/// has each version and the bytes it fetched, against rsync updating its own copy.
+async fn delta(bench: &Bench) {
+    let (da, db) = (bench.dir("delta-a"), bench.dir("delta-b"));
+    gen("delta", &da);
+    let a = node::start(bench.config("a", &da, &[])).await.expect("a");
+    let b = node::start(bench.config("b", &db, &[&a])).await.expect("b");
+    let t = Instant::now();
+    wait_caught_up(&a, &b, b.events(), Duration::from_secs(600), t).await;
+    println!(
+        "delta: one 256 MiB file, synced whole in {:.3} s; then changed",
+        t.elapsed().as_secs_f64()
     );
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    t
+    // rsync's copy, made whole first (outside the timing), served by a daemon.
+    let rs_dst = bench.dir("delta-rsync");
+    let daemon = RsyncDaemon::start(&da, bench.tmp.path());
+    if let Some(d) = &daemon {
+        rsync_update(d.port, &rs_dst);
+    }
+    for (step, what) in [
+        ("modify", "4 KiB overwritten in place at 128 MiB"),
+        ("insert", "4 KiB inserted at 128 MiB"),
+    ] {
+        let mut events = b.events();
+        gen(step, &da);
+        let want = dirsync::hash::ContentHash::of_file(&da.join("delta.bin")).expect("hash");
+        let t = Instant::now();
+        let mut fetched = None;
+        while Instant::now() < t + Duration::from_secs(120) {
+            let Ok(Ok(e)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await
+            else {
+                continue;
+            };
+            if e.event == EventKind::Received && e.path.as_deref() == Some("delta.bin") {
+                fetched = Some(e.detail.unwrap_or_else(|| "whole file".into()));
+                if dirsync::hash::ContentHash::of_file(&db.join("delta.bin")).ok() == Some(want) {
+                    break;
+                }
+            }
+        }
+        let ours = t.elapsed();
+        println!(
+            "  {what}: dirsync {:.3} s ({}; includes a noticing and hashing the change)",
+            ours.as_secs_f64(),
+            fetched.as_deref().unwrap_or("DID NOT ARRIVE")
+        );
+        if let Some((took, received)) = daemon.as_ref().and_then(|d| rsync_update(d.port, &rs_dst))
+        {
+            println!(
+                "    rsync daemon over loopback: {:.3} s, received {received} bytes (dirsync / rsync = {:.2}x)",
+                took.as_secs_f64(),
+                ours.as_secs_f64() / took.as_secs_f64()
+            );
+        }
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// An rsync daemon on loopback serving `src` as module `w`, killed when dropped.
+struct RsyncDaemon {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl RsyncDaemon {
+    fn start(src: &Path, work: &Path) -> Option<RsyncDaemon> {
+        if Command::new("rsync").arg("--version").output().is_err() {
+            println!("  rsync: not installed (apt-get install rsync), skipped");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let conf = work.join(format!("rsyncd-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "use chroot = no\n[w]\npath = {}\nread only = yes\n",
+                src.display()
+            ),
+        )
+        .ok()?;
+        let child = Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", conf.display()))
+            .spawn()
+            .ok()?;
+        std::thread::sleep(Duration::from_millis(300)); // let it bind (outside timing)
+        Some(RsyncDaemon { port, child })
+    }
+}
+
+impl Drop for RsyncDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn latency(bench: &Bench) {
@@ -324,6 +424,9 @@ fn main() {
         }
         if want("large") {
             workload(&bench, "large", false).await;
+        }
+        if want("delta") {
+            delta(&bench).await;
         }
     });
 }

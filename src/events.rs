@@ -96,9 +96,10 @@ impl Event {
         let detail = self.detail.as_deref().unwrap_or("");
         match self.event {
             EventKind::Received => format!(
-                "{node}: <- {path} from {peer} ({}, {} ms)",
+                "{node}: <- {path} from {peer} ({}, {} ms{}{detail})",
                 human_size(self.bytes.unwrap_or(0)),
-                self.millis.unwrap_or(0)
+                self.millis.unwrap_or(0),
+                if detail.is_empty() { "" } else { ", " }
             ),
             EventKind::CopiedLocally => {
                 format!("{node}: <- {path} copied locally from {detail} (for {peer}; no transfer)")

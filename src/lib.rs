@@ -8,7 +8,7 @@
 //! | [`certs`] | the private CA and node/client certificates (rcgen) |
 //! | [`tls`] | rustls/quinn configurations and the peer's identity and [`tls::Role`] |
 //! | [`index`] | scanning the tree, the persistent index (SQLite: records, peers, locks, queues), local change detection |
-//! | [`engine`] | the sync engine: local scans, applying peers' records, transfers, conflicts, locks and their staged FIFO queues |
+//! | [`engine`] | the sync engine: local scans, applying peers' records, transfers (delta transfers of large files by content-defined blocks), conflicts, locks and their staged FIFO queues |
 //! | [`events`] | what a node does, as events (log lines, `dirsync-cli watch`) and its status |
 //! | [`listing`] | merging every node's files into one listing; table and JSON output |
 //! | [`path`] | [`path::RelPath`]: relative paths validated so a peer can never escape the root |

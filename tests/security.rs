@@ -353,3 +353,108 @@ async fn a_peer_cannot_write_outside_the_root() {
     server.abort();
     a.shutdown().await;
 }
+
+/// A peer whose block list does not make the version it announced (here: a list
+/// of the blocks a already has) costs a whole-file fetch, never a wrong file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_block_list_falls_back_to_the_whole_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let env = TestEnv::new();
+    let da = env.dir("a");
+    let pseudo = |seed: u64| {
+        let mut x = seed | 1;
+        (0..2 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    let (old, new) = (pseudo(3), pseudo(5));
+    std::fs::write(da.join("big.bin"), &old).unwrap();
+    let a = env.start("a", &[]).await;
+    let log = EventLog::of(&a);
+    let ours = a.engine().record("big.bin").await.unwrap().unwrap();
+
+    let c = Credentials::load(&env.certs, "c").unwrap();
+    let (_ep, conn) = raw(a.local_addr(), &c).await;
+    let hello = Message::Hello {
+        version: dirsync::wire::PROTOCOL_VERSION,
+        name: "c".into(),
+    };
+    assert!(matches!(
+        ask(&conn, &hello).await,
+        Ok(Some(Message::Hello { .. }))
+    ));
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await,
+        Ok(Some(Message::Subscribe { .. }))
+    ));
+    // A newer version of big.bin than a's (it dominates a's version vector).
+    let mut newer = record("big.bin", dirsync::sync::record::Kind::File, &new, None);
+    newer.version = ours.version.clone();
+    newer.version.bump("c");
+    newer.seq = 1;
+    let batch = Message::IndexBatch {
+        index_id: [7; 16],
+        max_seq: 1,
+        records: vec![newer],
+    };
+    write_message(&mut send, &batch).await.unwrap();
+
+    let asked_blocks = Arc::new(AtomicBool::new(false));
+    let asked = asked_blocks.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            match read_message(&mut recv).await {
+                Ok(Some(Message::BlocksRequest { .. })) => {
+                    asked.store(true, Ordering::SeqCst);
+                    // The blocks of the *old* content: a has them all.
+                    let dir = tempfile::tempdir().unwrap();
+                    std::fs::write(dir.path().join("old"), &old).unwrap();
+                    let f = std::fs::File::open(dir.path().join("old")).unwrap();
+                    let avg = dirsync::engine::delta::avg_for(old.len() as u64).unwrap();
+                    let (blocks, _) =
+                        dirsync::engine::delta::cut(&f, old.len() as u64, avg, false).unwrap();
+                    let blocks = blocks.into_iter().map(|(_, b)| b).collect();
+                    let _ = write_message(&mut send, &Message::Blocks { avg, blocks }).await;
+                    if let Ok(Some(Message::RangesRequest { ranges })) =
+                        read_message(&mut recv).await
+                    {
+                        let total = ranges.iter().map(|(_, l)| l).sum();
+                        let _ =
+                            write_message(&mut send, &Message::FileHeader { size: total }).await;
+                        for (o, l) in ranges {
+                            let _ = send.write_all(&new[o as usize..(o + l) as usize]).await;
+                        }
+                    }
+                    let _ = send.finish();
+                }
+                Ok(Some(Message::FetchRequest { .. })) => {
+                    let header = Message::FileHeader {
+                        size: new.len() as u64,
+                    };
+                    let _ = write_message(&mut send, &header).await;
+                    let _ = send.write_all(&new).await;
+                    let _ = send.finish();
+                }
+                _ => {}
+            }
+        }
+    });
+    wait_content(&da, "big.bin", &pseudo(5)).await;
+    assert!(
+        asked_blocks.load(Ordering::SeqCst),
+        "a asked for blocks first"
+    );
+    log.wait_for("big.bin", |e| {
+        e.event == EventKind::Received && e.bytes == Some(2 << 20) && e.detail.is_none()
+    })
+    .await;
+    server.abort();
+    a.shutdown().await;
+}

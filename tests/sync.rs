@@ -378,6 +378,65 @@ async fn large_file(in_place: bool) {
     a.shutdown().await;
 }
 
+/// A large file edited in place, then with bytes inserted (saved the way editors
+/// do: a new file renamed over it), crosses as a delta: b keeps the blocks its
+/// version already has and fetches only those around the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_edited_or_grown_sends_only_the_blocks_around_the_change() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let (a, b) = env.pair().await;
+    let log = EventLog::of(&b);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut content: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(env.tmp.path().join("big.tmp"), &content).unwrap();
+    std::fs::rename(env.tmp.path().join("big.tmp"), da.join("big.bin")).unwrap();
+    wait_content(&db, "big.bin", &content).await;
+    let fetched = |e: &dirsync::events::Event| -> Option<u64> {
+        let d = e.detail.as_deref()?.strip_prefix("delta: fetched ")?;
+        d.split(' ').next()?.parse().ok()
+    };
+    // Each change touches at most the two blocks around it (a block is at most
+    // 256 KiB for a file this size).
+    let limit = 512 * 1024;
+
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(da.join("big.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(&[0x5a; 4096]).unwrap();
+    }
+    content[5 << 20..(5 << 20) + 4096].fill(0x5a);
+    wait_content(&db, "big.bin", &content).await;
+    log.wait_for("big.bin", |e| {
+        e.event == EventKind::Received && fetched(e).is_some_and(|n| n > 0 && n <= limit)
+    })
+    .await;
+
+    content.splice(9 << 20..9 << 20, [0xa5; 4096]);
+    std::fs::write(env.tmp.path().join("big.tmp"), &content).unwrap();
+    std::fs::rename(env.tmp.path().join("big.tmp"), da.join("big.bin")).unwrap();
+    wait_content(&db, "big.bin", &content).await;
+    log.wait_for("big.bin", |e| {
+        e.event == EventKind::Received
+            && e.bytes == Some(content.len() as u64)
+            && fetched(e).is_some_and(|n| n >= 4096 && n <= limit + 4096)
+    })
+    .await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_create_and_delete_of_ten_thousand_files() {
     let env = TestEnv::new();

@@ -3,7 +3,8 @@
 
 use dirsync::hash::ContentHash;
 use dirsync::wire::{
-    decode_frame, encode_frame, Copy, Decoded, FileEntry, LockInfo, MergedEntry, Message, Timestamp,
+    decode_frame, encode_frame, Block, Copy, Decoded, FileEntry, LockInfo, MergedEntry, Message,
+    Timestamp,
 };
 use proptest::prelude::*;
 
@@ -80,6 +81,29 @@ fn golden_bytes() {
                 applied: 2,
             },
             "00000005 13 0178 03 02".to_string(),
+        ),
+        (
+            Message::BlocksRequest {
+                path: "x".into(),
+                hash: ContentHash([0xab; 32]),
+            },
+            format!("00000023 14 0178 {}", "ab".repeat(32)),
+        ),
+        (
+            Message::Blocks {
+                avg: 65536,
+                blocks: vec![Block {
+                    len: 300,
+                    hash: ContentHash([0xab; 32]),
+                }],
+            },
+            format!("00000027 15 808004 01 ac02 {}", "ab".repeat(32)),
+        ),
+        (
+            Message::RangesRequest {
+                ranges: vec![(1, 300)],
+            },
+            "00000005 16 01 01ac02".to_string(),
         ),
     ];
     for (msg, want) in cases {
@@ -178,6 +202,26 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 applied,
             }
         }),
+        (arb_string(), any::<[u8; 32]>()).prop_map(|(path, h)| Message::BlocksRequest {
+            path,
+            hash: ContentHash(h)
+        }),
+        (
+            any::<u32>(),
+            proptest::collection::vec((any::<u32>(), any::<[u8; 32]>()), 0..20)
+        )
+            .prop_map(|(avg, blocks)| Message::Blocks {
+                avg,
+                blocks: blocks
+                    .into_iter()
+                    .map(|(len, h)| Block {
+                        len,
+                        hash: ContentHash(h)
+                    })
+                    .collect(),
+            }),
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20)
+            .prop_map(|ranges| Message::RangesRequest { ranges }),
     ]
 }
 

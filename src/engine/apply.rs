@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::Write as _;
+use std::io::{Seek as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -842,7 +842,13 @@ pub(super) async fn run_step(
         } => {
             let local = batch.entry(&engine, &remote.path).await?;
             // Boxed: a streamed transfer's state is large, and most steps are small files.
-            let (stat, bytes, millis, dir) = Box::pin(install_file(
+            let Installed {
+                stat,
+                bytes,
+                millis,
+                dir,
+                fetched,
+            } = Box::pin(install_file(
                 &engine,
                 &source,
                 &remote,
@@ -854,9 +860,15 @@ pub(super) async fn run_step(
                 Some(src) => ev(EventKind::CopiedLocally, &remote.path)
                     .detail(src.clone())
                     .bytes(bytes),
-                None => ev(EventKind::Received, &remote.path)
-                    .bytes(bytes)
-                    .millis(millis),
+                None => {
+                    let e = ev(EventKind::Received, &remote.path)
+                        .bytes(bytes)
+                        .millis(millis);
+                    match fetched {
+                        Some(n) => e.detail(format!("delta: fetched {n} of {bytes} bytes")),
+                        None => e,
+                    }
+                }
             };
             // Not provably what was written: a local edit reached it at once.
             let rescan = match stat {
@@ -1082,14 +1094,12 @@ async fn conflict(
     let mut dirs = vec![parent_of(&copy_abs)];
     let installed = match winner.kind {
         _ if winner.deleted => Ok(None),
-        Kind::File => {
-            install_file(engine, source, &winner, None, None)
-                .await
-                .map(|(stat, _, _, dir)| {
-                    dirs.push(dir);
-                    stat
-                })
-        }
+        Kind::File => install_file(engine, source, &winner, None, None)
+            .await
+            .map(|installed| {
+                dirs.push(installed.dir);
+                installed.stat
+            }),
         Kind::Dir => make_dir(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s)),
         Kind::Symlink => {
             make_symlink(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s))
@@ -1460,15 +1470,15 @@ pub(super) fn system_time(t: Timestamp) -> SystemTime {
 
 /// Writes the remote file's content to a temp file (from a local copy with the same
 /// hash, or from the peer), verifies it, sets mode and mtime, fsyncs, and renames it
-/// into place if the local path is unchanged. Returns its stat, size, duration in
-/// ms and its directory.
+/// into place if the local path is unchanged. A large file of which this node has
+/// an older version at the same path comes as a delta (only the blocks it lacks).
 async fn install_file(
     engine: &Arc<Engine>,
     source: &Source,
     remote: &Record,
     local: Option<&Entry>,
     local_source: Option<&str>,
-) -> Result<(Option<StatKey>, u64, u64, PathBuf), String> {
+) -> Result<Installed, String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     let abs = rel.to_path(&engine.root);
     let started = Instant::now();
@@ -1485,12 +1495,36 @@ async fn install_file(
         }
         (None, Source::Peer(conn)) => Content::Stream(conn.clone()),
     };
+    let base = delta_base(remote, local).then(|| abs.clone());
     let target = Target::of(engine, remote, local.cloned())?;
+    let mut fetched = None;
     let (stat, bytes) = match content {
         Content::Stream(conn) => {
             let (tmp, mut file) = target.create_temp()?;
-            let written =
-                transfer::fetch(&conn, &remote.path, remote.hash, remote.size, &mut file).await;
+            // Only the blocks our older version lacks, if the peer can; else (or if
+            // that fails) the whole file.
+            if let Some(old) = base {
+                let (path, hash, size) = (&remote.path, remote.hash, remote.size);
+                match transfer::fetch_delta(&conn, path, hash, size, &old, &mut file).await {
+                    Ok(d) => fetched = Some(d.fetched),
+                    Err(e) => {
+                        tracing::debug!(
+                            "{}: delta of {path} failed ({e}); fetching it whole",
+                            engine.name
+                        );
+                        if let Err(e) = file.set_len(0).and_then(|_| file.rewind()) {
+                            let _ = fs::remove_file(&tmp);
+                            return Err(format!("{}: {e}", tmp.display()));
+                        }
+                    }
+                }
+            }
+            let written = match fetched {
+                Some(_) => Ok(remote.size),
+                None => {
+                    transfer::fetch(&conn, &remote.path, remote.hash, remote.size, &mut file).await
+                }
+            };
             match written {
                 Ok(n) => {
                     let placed =
@@ -1507,12 +1541,41 @@ async fn install_file(
             .await
             .map_err(|e| e.to_string())??,
     };
-    Ok((
+    Ok(Installed {
         stat,
         bytes,
-        started.elapsed().as_millis() as u64,
-        parent_of(&abs),
-    ))
+        millis: started.elapsed().as_millis() as u64,
+        dir: parent_of(&abs),
+        fetched,
+    })
+}
+
+/// A file [`install_file`] installed.
+struct Installed {
+    /// Its stat, if provably the file written.
+    stat: Option<StatKey>,
+    /// Its size.
+    bytes: u64,
+    /// How long the install took.
+    millis: u64,
+    /// Its directory, to fsync.
+    dir: PathBuf,
+    /// With a delta transfer, the bytes that came from the peer.
+    fetched: Option<u64>,
+}
+
+/// Whether a large file is fetched as a delta against our version `local` of the
+/// same path: both versions large enough (ours not far larger), ours a live file.
+fn delta_base(remote: &Record, local: Option<&Entry>) -> bool {
+    use super::delta::{DELTA_FROM, MAX_GROWTH};
+    local.is_some_and(|e| {
+        !e.record.deleted
+            && e.record.kind == Kind::File
+            && e.record.size >= DELTA_FROM
+            && e.record.size <= remote.size.saturating_mul(MAX_GROWTH)
+            && e.record.hash != remote.hash
+    }) && remote.size >= DELTA_FROM
+        && remote.size > transfer::SMALL_FILE
 }
 
 /// Where a file's content comes from.

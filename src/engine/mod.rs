@@ -15,6 +15,7 @@
 //!   unmounted directory being read as "everything was deleted".
 
 pub mod apply;
+pub mod delta;
 pub mod io_queue;
 pub mod locks;
 pub mod session;

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use quinn::{Connection, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 
+use super::delta::{self, Piece};
 use super::Engine;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
@@ -48,6 +49,8 @@ pub enum TransferError {
     Unexpected(&'static str),
     #[error("the peer ended the stream after {got} of {size} bytes")]
     Truncated { got: u64, size: u64 },
+    #[error("peer's block list: {0}")]
+    Blocks(String),
 }
 
 /// Files up to this size are read (sender) or received (receiver) whole in memory,
@@ -268,6 +271,210 @@ pub async fn fetch(
         return Err(TransferError::HashMismatch);
     }
     Ok(got)
+}
+
+/// Answers a peer's `BlocksRequest` for a large file: its block list, then the byte
+/// ranges the peer asks for on the same stream. The list is cut from the file as
+/// it is now, and sent only if the whole file still has `hash`.
+pub async fn serve_blocks(
+    engine: &Arc<Engine>,
+    path: String,
+    hash: ContentHash,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), StreamError> {
+    let refuse = |reason: String| Message::Refused { reason };
+    let rel = match RelPath::parse(&path) {
+        Ok(r) => r,
+        Err(e) => return write_message(send, &refuse(e.to_string())).await,
+    };
+    let found = {
+        let (me, abs, p) = (engine.clone(), rel.to_path(&engine.root), path.clone());
+        engine
+            .small_io
+            .run(move || find_version(&me, &p, &abs, hash))
+            .await
+    };
+    let (file, size) = match found {
+        Ok(Found::Open(file, size)) => (file, size),
+        Ok(Found::Bytes(_)) => {
+            return write_message(send, &refuse(format!("{path} is small: fetch it whole"))).await
+        }
+        Ok(Found::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
+        Err(e) => return write_message(send, &refuse(e.to_string())).await,
+    };
+    let Some(avg) = delta::avg_for(size) else {
+        return write_message(send, &refuse(format!("{path} is too large for blocks"))).await;
+    };
+    // Reading and hashing the whole file: on a blocking thread.
+    let cut = tokio::task::spawn_blocking(move || {
+        let r = delta::cut(&file, size, avg, true);
+        (file, r)
+    })
+    .await;
+    let (file, blocks) = match cut {
+        Ok((file, Ok((blocks, whole)))) if whole == Some(hash) => (file, blocks),
+        Ok((_, Ok(_))) => {
+            let why = format!("{path} is no longer at that version");
+            return write_message(send, &refuse(why)).await;
+        }
+        Ok((_, Err(e))) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
+        Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
+    };
+    let blocks = blocks.into_iter().map(|(_, b)| b).collect();
+    write_message(send, &Message::Blocks { avg, blocks }).await?;
+    let ranges = match read_message(recv).await? {
+        Some(Message::RangesRequest { ranges }) => ranges,
+        // The peer gave up (it had everything, or failed): nothing to send.
+        _ => return Ok(()),
+    };
+    take_end(recv).await;
+    let total = match delta::check_ranges(&ranges, size) {
+        Ok(t) => t,
+        Err(e) => return write_message(send, &refuse(e)).await,
+    };
+    write_message(send, &Message::FileHeader { size: total }).await?;
+    for (offset, len) in ranges {
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(CHUNK as u64) as usize;
+            let mut buf = vec![0u8; want];
+            if std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset + done).is_err() {
+                // The file shrank under us: abort the stream, the receiver retries.
+                let _ = send.reset(1u32.into());
+                return Ok(());
+            }
+            send.write_chunk(buf.into())
+                .await
+                .map_err(StreamError::Write)?;
+            done += want as u64;
+        }
+    }
+    Ok(())
+}
+
+/// What a delta transfer took from the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaStats {
+    /// Bytes of the new version received from the peer.
+    pub fetched: u64,
+}
+
+/// Fetches `path` at `hash` (`size` bytes) into `out` like [`fetch`], but only
+/// the blocks that `old` (this node's older version of it) does not already have;
+/// the rest is copied from `old`. The result is accepted only if its whole hash
+/// is `hash`.
+pub async fn fetch_delta(
+    conn: &Connection,
+    path: &str,
+    hash: ContentHash,
+    size: u64,
+    old: &Path,
+    out: &mut File,
+) -> Result<DeltaStats, TransferError> {
+    let old = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow_flags())
+        .open(old)?;
+    let old_size = old.metadata()?.len();
+    if old_size > size.saturating_mul(delta::MAX_GROWTH) {
+        // Its block map would be out of proportion to what it can save.
+        return Err(TransferError::Blocks(format!(
+            "our version ({old_size} bytes) is far larger than the new one"
+        )));
+    }
+    // Our own version is cut while the peer cuts its own, with the average it
+    // picks for this size (both sides use `avg_for`): which blocks we have, where.
+    let Some(ours) = delta::avg_for(size) else {
+        return Err(TransferError::Blocks(format!(
+            "{size} bytes is too large for blocks"
+        )));
+    };
+    let cutting = tokio::task::spawn_blocking(move || {
+        let r = delta::cut(&old, old_size, ours, false);
+        (old, r)
+    });
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_message(
+        &mut send,
+        &Message::BlocksRequest {
+            path: path.to_string(),
+            hash,
+        },
+    )
+    .await?;
+    let (avg, blocks) = match read_message(&mut recv).await? {
+        Some(Message::Blocks { avg, blocks }) => (avg, blocks),
+        Some(Message::Refused { reason }) => return Err(TransferError::Refused(reason)),
+        Some(other) => return Err(TransferError::Unexpected(other.kind())),
+        None => return Err(TransferError::Unexpected("end of stream")),
+    };
+    delta::check_blocks(avg, &blocks, size).map_err(TransferError::Blocks)?;
+    let joined = |e: tokio::task::JoinError| std::io::Error::other(e.to_string());
+    let (mut old, mut has) = cutting.await.map_err(joined)?;
+    if avg != ours {
+        // The peer cut with another average: cut ours again the same way.
+        (old, has) = tokio::task::spawn_blocking(move || {
+            let r = delta::cut(&old, old_size, avg, false);
+            (old, r)
+        })
+        .await
+        .map_err(joined)?;
+    }
+    let has: std::collections::HashMap<ContentHash, u64> =
+        has?.0.into_iter().map(|(o, b)| (b.hash, o)).collect();
+    let (pieces, ranges) = delta::plan(&blocks, &has);
+    let fetched: u64 = ranges.iter().map(|(_, l)| l).sum();
+    write_message(&mut send, &Message::RangesRequest { ranges }).await?;
+    let _ = send.finish();
+    let announced = match read_message(&mut recv).await? {
+        Some(Message::FileHeader { size }) => size,
+        Some(Message::Refused { reason }) => return Err(TransferError::Refused(reason)),
+        Some(other) => return Err(TransferError::Unexpected(other.kind())),
+        None => return Err(TransferError::Unexpected("end of stream")),
+    };
+    if announced != fetched {
+        return Err(TransferError::SizeMismatch {
+            announced,
+            expected: fetched,
+        });
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut got = 0u64;
+    for piece in pieces {
+        match piece {
+            Piece::Local { offset, len } => {
+                let mut done = 0u64;
+                while done < len {
+                    let want = (len - done).min(CHUNK as u64) as usize;
+                    let mut buf = vec![0u8; want];
+                    std::os::unix::fs::FileExt::read_exact_at(&old, &mut buf, offset + done)?;
+                    hasher.update(&buf);
+                    out.write_all(&buf)?;
+                    done += want as u64;
+                }
+            }
+            Piece::Remote { len } => {
+                let mut done = 0u64;
+                while done < len {
+                    let want = (len - done).min(CHUNK as u64) as usize;
+                    let chunk = match recv.read_chunk(want, true).await? {
+                        Some(c) => c,
+                        None => return Err(TransferError::Truncated { got, size: fetched }),
+                    };
+                    hasher.update(&chunk.bytes);
+                    out.write_all(&chunk.bytes)?;
+                    done += chunk.bytes.len() as u64;
+                    got += chunk.bytes.len() as u64;
+                }
+            }
+        }
+    }
+    take_end(&mut recv).await;
+    if ContentHash(*hasher.finalize().as_bytes()) != hash {
+        return Err(TransferError::HashMismatch);
+    }
+    Ok(DeltaStats { fetched })
 }
 
 /// Copies the local file `from` into `out`, checking it still has `hash`.

@@ -8,7 +8,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{close_code, Shared};
 use crate::engine::session::serve_subscribe;
-use crate::engine::transfer::serve_fetch;
+use crate::engine::transfer::{serve_blocks, serve_fetch};
 use crate::events::{Event, EventKind, NodeStatus};
 use crate::listing::merge;
 use crate::tls::{self, Identity, Role};
@@ -101,8 +101,11 @@ async fn handle_stream(
     mut recv: RecvStream,
 ) {
     let request = match read_message(&mut recv).await {
+        // A block list is followed by the asker's ranges on the same stream.
         Ok(Some(m)) => {
-            take_end(&mut recv).await;
+            if !matches!(m, Message::BlocksRequest { .. }) {
+                take_end(&mut recv).await;
+            }
             m
         }
         Ok(None) => return,
@@ -144,6 +147,16 @@ async fn handle_stream(
         }
         Message::FetchRequest { path, hash } if id.role == Role::Node => {
             serve_fetch(&shared.engine, path, hash, &mut send).await
+        }
+        Message::BlocksRequest { path, hash } if id.role == Role::Node => {
+            Box::pin(serve_blocks(
+                &shared.engine,
+                path,
+                hash,
+                &mut send,
+                &mut recv,
+            ))
+            .await
         }
         Message::WatchRequest => Box::pin(answer_watch(&shared, &mut send)).await,
         request @ (Message::LockRequest { .. }

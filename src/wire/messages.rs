@@ -150,6 +150,24 @@ pub enum Message {
         queued: u32,
         applied: u32,
     },
+    /// 20: node -> node: the blocks of `path`, which must still have `hash`, to
+    /// fetch only what the asking node's older version lacks. Answered by `Blocks`
+    /// (or `Refused`); the asker then sends one `RangesRequest` on the same stream.
+    BlocksRequest { path: String, hash: ContentHash },
+    /// 21: answer to `BlocksRequest`: the file cut by content (FastCDC, average
+    /// block `avg` bytes, at least `avg / 4`, at most `avg * 4`), in order.
+    Blocks { avg: u32, blocks: Vec<Block> },
+    /// 22: after `Blocks`, on the same stream: send these `(offset, length)` byte
+    /// ranges of the file. Answered by a `FileHeader` with their total length, then
+    /// exactly that many raw bytes: the ranges' contents, in order.
+    RangesRequest { ranges: Vec<(u64, u64)> },
+}
+
+/// One block of a file cut by content: its length and BLAKE3 hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub len: u32,
+    pub hash: ContentHash,
 }
 
 impl Message {
@@ -176,6 +194,9 @@ impl Message {
             Message::LocksRequest => "LocksRequest",
             Message::Locks(_) => "Locks",
             Message::Unlocked { .. } => "Unlocked",
+            Message::BlocksRequest { .. } => "BlocksRequest",
+            Message::Blocks { .. } => "Blocks",
+            Message::RangesRequest { .. } => "RangesRequest",
         }
     }
 }

@@ -43,7 +43,7 @@ pub mod io;
 pub mod messages;
 
 pub use codec::{decode_frame, encode_frame, Decoded, FrameError, MAX_FRAME};
-pub use messages::{Copy, FileEntry, LockInfo, MergedEntry, Message, Timestamp};
+pub use messages::{Block, Copy, FileEntry, LockInfo, MergedEntry, Message, Timestamp};
 
 /// The protocol version spoken by this build. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,266 @@
+//! Delta transfer of large files: both sides cut their version of a file into
+//! blocks by content (FastCDC), so an edit, an insertion or a deletion moves only
+//! the block boundaries near it. The receiver asks for the new version's block
+//! list, keeps every block its own older version already has, and fetches only
+//! the byte ranges of the rest (see [`transfer::fetch_delta`]). The assembled file
+//! is accepted only if its whole BLAKE3 hash is the one the index promised, so a
+//! wrong block (or a lying peer) costs a retry, never a wrong file.
+//!
+//! The planning and checking here are pure functions; the I/O is in `transfer`.
+//!
+//! [`transfer::fetch_delta`]: super::transfer::fetch_delta
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+
+use crate::hash::ContentHash;
+use crate::wire::Block;
+
+/// Files below this size (on either side) are fetched whole: a block list and a
+/// second request cost more than they save.
+pub const DELTA_FROM: u64 = 1 << 20;
+/// The smallest average block: an edit costs at most a few of these.
+pub const MIN_AVG: u32 = 64 * 1024;
+/// The largest average block FastCDC allows; files that would need larger ones
+/// (over 16 GiB) are fetched whole.
+pub const MAX_AVG: u32 = 4 * 1024 * 1024;
+/// A delta is made only against an older version at most this many times the new
+/// one's size: the receiver keeps a map of its own blocks (about 50 bytes each),
+/// which stays within a few MB that way.
+pub const MAX_GROWTH: u64 = 4;
+/// The sender picks the average so that a file has about this many blocks.
+const TARGET_BLOCKS: u64 = 4096;
+/// The most blocks a list may have: every block but the last is at least a
+/// quarter of the average, so a list cut with [`avg_for`] has at most four times
+/// [`TARGET_BLOCKS`], plus one. It keeps a `Blocks` frame (36 bytes a block) well
+/// under the frame limit.
+pub const MAX_BLOCKS: usize = 4 * TARGET_BLOCKS as usize + 1;
+
+/// The average block size to cut a file of `size` bytes with, or `None` if the
+/// file is too large for a delta.
+pub fn avg_for(size: u64) -> Option<u32> {
+    let want = size.div_ceil(TARGET_BLOCKS).next_power_of_two();
+    let avg = want.max(u64::from(MIN_AVG));
+    (avg <= u64::from(MAX_AVG)).then_some(avg as u32)
+}
+
+/// Whether a peer's `avg` is one [`avg_for`] can choose.
+fn valid_avg(avg: u32) -> bool {
+    avg.is_power_of_two() && (MIN_AVG..=MAX_AVG).contains(&avg)
+}
+
+/// A file's blocks, each with its offset, in file order.
+pub type Blocks = Vec<(u64, Block)>;
+
+/// Cuts the first `size` bytes of `file` (read from its current position) into
+/// blocks of average `avg`. Returns each block with its offset and, with `whole`,
+/// the hash of everything read, which is the whole file's only if exactly `size`
+/// bytes were there (the caller compares). Memory is bounded by the largest block.
+pub fn cut(
+    file: &File,
+    size: u64,
+    avg: u32,
+    whole: bool,
+) -> std::io::Result<(Blocks, Option<ContentHash>)> {
+    let avg = avg as usize;
+    let chunker = fastcdc::v2020::StreamCDC::new(file.take(size), avg / 4, avg, avg * 4);
+    let mut hasher = whole.then(blake3::Hasher::new);
+    let mut blocks = Vec::new();
+    for chunk in chunker {
+        let chunk = chunk.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk.data);
+        }
+        blocks.push((
+            chunk.offset,
+            Block {
+                len: chunk.length as u32,
+                hash: ContentHash::of(&chunk.data),
+            },
+        ));
+    }
+    Ok((
+        blocks,
+        hasher.map(|h| ContentHash(*h.finalize().as_bytes())),
+    ))
+}
+
+/// Checks a peer's block list for a file of `size` bytes.
+pub fn check_blocks(avg: u32, blocks: &[Block], size: u64) -> Result<(), String> {
+    if !valid_avg(avg) {
+        return Err(format!("block average {avg} is not one we cut with"));
+    }
+    if blocks.len() > MAX_BLOCKS {
+        return Err(format!("{} blocks (at most {MAX_BLOCKS})", blocks.len()));
+    }
+    if blocks
+        .iter()
+        .any(|b| b.len == 0 || b.len > avg.saturating_mul(4))
+    {
+        return Err("a block is empty or longer than the cut allows".into());
+    }
+    let total: u64 = blocks.iter().map(|b| u64::from(b.len)).sum();
+    if total != size {
+        return Err(format!(
+            "blocks add up to {total} bytes, the file has {size}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a peer's ranges against a file of `size` bytes; returns their total.
+pub fn check_ranges(ranges: &[(u64, u64)], size: u64) -> Result<u64, String> {
+    if ranges.len() > MAX_BLOCKS {
+        return Err(format!("{} ranges (at most {MAX_BLOCKS})", ranges.len()));
+    }
+    let mut total = 0u64;
+    for &(offset, len) in ranges {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => total += len,
+            _ => {
+                return Err(format!(
+                    "range {offset}+{len} is outside the file's {size} bytes"
+                ))
+            }
+        }
+    }
+    if total > size {
+        return Err(format!(
+            "ranges ask for {total} bytes of a {size}-byte file"
+        ));
+    }
+    Ok(total)
+}
+
+/// Where one block of the new version comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` bytes at `offset` of the receiver's own older version.
+    Local { offset: u64, len: u64 },
+    /// The next `len` bytes of the sender's answer to the ranges.
+    Remote { len: u64 },
+}
+
+/// The plan to assemble the new version from its blocks `new`, given the blocks
+/// the receiver already `has` (hash -> offset in its older version): the pieces in
+/// file order, and the byte ranges of the new version to fetch (adjacent ones
+/// merged, so the answer streams them back to back).
+pub fn plan(new: &[Block], has: &HashMap<ContentHash, u64>) -> (Vec<Piece>, Vec<(u64, u64)>) {
+    let mut pieces = Vec::with_capacity(new.len());
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0u64;
+    for b in new {
+        let len = u64::from(b.len);
+        match has.get(&b.hash) {
+            Some(&at) => pieces.push(Piece::Local { offset: at, len }),
+            None => {
+                pieces.push(Piece::Remote { len });
+                match ranges.last_mut() {
+                    Some((start, l)) if *start + *l == offset => *l += len,
+                    _ => ranges.push((offset, len)),
+                }
+            }
+        }
+        offset += len;
+    }
+    (pieces, ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn cut_bytes(bytes: &[u8], avg: u32) -> Vec<(u64, Block)> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, bytes).unwrap();
+        let (blocks, whole) = cut(&File::open(&p).unwrap(), bytes.len() as u64, avg, true).unwrap();
+        assert_eq!(whole, Some(ContentHash::of(bytes)));
+        blocks
+    }
+
+    fn fetched_for(old: &[u8], new: &[u8]) -> u64 {
+        let avg = avg_for(new.len() as u64).unwrap();
+        let has: HashMap<ContentHash, u64> = cut_bytes(old, avg)
+            .into_iter()
+            .map(|(o, b)| (b.hash, o))
+            .collect();
+        let blocks: Vec<Block> = cut_bytes(new, avg).into_iter().map(|(_, b)| b).collect();
+        check_blocks(avg, &blocks, new.len() as u64).unwrap();
+        let (pieces, ranges) = plan(&blocks, &has);
+        let total = check_ranges(&ranges, new.len() as u64).unwrap();
+        // Assembling the pieces gives the new version back.
+        let mut out = Vec::new();
+        let mut remote = ranges
+            .iter()
+            .flat_map(|&(o, l)| &new[o as usize..(o + l) as usize]);
+        for p in pieces {
+            match p {
+                Piece::Local { offset, len } => {
+                    out.extend_from_slice(&old[offset as usize..(offset + len) as usize])
+                }
+                Piece::Remote { len } => out.extend(remote.by_ref().take(len as usize)),
+            }
+        }
+        assert!(out == new, "the plan rebuilds the new version");
+        total
+    }
+
+    #[test]
+    fn an_edit_an_insertion_and_a_deletion_fetch_only_blocks_near_them() {
+        let old = pseudo_random(8 << 20, 7);
+        let limit = 4 * u64::from(MIN_AVG) * 2; // two maximal blocks around the change
+        let mut edited = old.clone();
+        edited[3 << 20..(3 << 20) + 4096].copy_from_slice(&pseudo_random(4096, 9));
+        assert!(fetched_for(&old, &edited) <= limit);
+        let mut inserted = old.clone();
+        inserted.splice(5 << 20..5 << 20, pseudo_random(4096, 11));
+        assert!(fetched_for(&old, &inserted) <= limit + 4096);
+        let mut deleted = old.clone();
+        deleted.drain(1 << 20..(1 << 20) + 10_000);
+        assert!(fetched_for(&old, &deleted) <= limit);
+        assert_eq!(fetched_for(&old, &old), 0);
+        // Nothing in common: everything is fetched, as one range.
+        let other = pseudo_random(8 << 20, 13);
+        assert_eq!(fetched_for(&old, &other), other.len() as u64);
+    }
+
+    #[test]
+    fn block_lists_and_ranges_from_a_peer_are_checked() {
+        let b = |len| Block {
+            len,
+            hash: ContentHash([0; 32]),
+        };
+        assert!(check_blocks(MIN_AVG, &[b(100), b(200)], 300).is_ok());
+        assert!(check_blocks(MIN_AVG, &[b(100), b(200)], 301).is_err());
+        assert!(check_blocks(MIN_AVG, &[b(0), b(300)], 300).is_err());
+        assert!(check_blocks(MIN_AVG, &[b(4 * MIN_AVG + 1)], 4 * u64::from(MIN_AVG) + 1).is_err());
+        assert!(check_blocks(MIN_AVG + 1, &[b(300)], 300).is_err());
+        assert!(check_blocks(MAX_AVG * 2, &[b(300)], 300).is_err());
+        assert!(check_blocks(MIN_AVG, &vec![b(1); MAX_BLOCKS + 1], MAX_BLOCKS as u64 + 1).is_err());
+        assert_eq!(check_ranges(&[(0, 10), (20, 5)], 30), Ok(15));
+        assert!(check_ranges(&[(25, 10)], 30).is_err());
+        assert!(check_ranges(&[(u64::MAX, 2)], 30).is_err());
+        assert!(check_ranges(&[(0, 30), (0, 30)], 30).is_err());
+        assert_eq!(avg_for(1 << 20), Some(MIN_AVG));
+        assert_eq!(avg_for(1 << 30), Some(256 * 1024));
+        assert_eq!(avg_for(16 << 30), Some(MAX_AVG));
+        assert_eq!(avg_for((16 << 30) + 1), None);
+    }
+}
