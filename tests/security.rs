@@ -418,8 +418,7 @@ async fn a_lying_block_list_falls_back_to_the_whole_file() {
                     std::fs::write(dir.path().join("old"), &old).unwrap();
                     let f = std::fs::File::open(dir.path().join("old")).unwrap();
                     let avg = dirsync::engine::delta::avg_for(old.len() as u64).unwrap();
-                    let (blocks, _) =
-                        dirsync::engine::delta::cut(&f, old.len() as u64, avg, false).unwrap();
+                    let blocks = dirsync::engine::delta::cut(&f, old.len() as u64, avg).unwrap();
                     let blocks = blocks.into_iter().map(|(_, b)| b).collect();
                     let _ = write_message(&mut send, &Message::Blocks { avg, blocks }).await;
                     if let Ok(Some(Message::RangesRequest { ranges })) =

@@ -54,27 +54,18 @@ fn valid_avg(avg: u32) -> bool {
 pub type Blocks = Vec<(u64, Block)>;
 
 /// Cuts the first `size` bytes of `file` (read from its current position) into
-/// blocks of average `avg`. Returns each block with its offset and, with `whole`,
-/// the hash of everything read, which is the whole file's only if exactly `size`
-/// bytes were there (the caller compares). Memory is bounded by the largest block.
-pub fn cut(
-    file: &File,
-    size: u64,
-    avg: u32,
-    whole: bool,
-) -> std::io::Result<(Blocks, Option<ContentHash>)> {
+/// blocks of average `avg`, each with its offset. Fewer than `size` bytes there
+/// give fewer blocks (the receiver's whole-file check catches that). Memory is
+/// bounded by the largest block.
+pub fn cut(file: &File, size: u64, avg: u32) -> std::io::Result<Blocks> {
     let avg = avg as usize;
     let chunker = fastcdc::v2020::StreamCDC::new(file.take(size), avg / 4, avg, avg * 4);
-    let mut hasher = whole.then(blake3::Hasher::new);
     let mut blocks = Vec::new();
     for chunk in chunker {
         let chunk = chunk.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(e) => e,
             other => std::io::Error::other(other.to_string()),
         })?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&chunk.data);
-        }
         blocks.push((
             chunk.offset,
             Block {
@@ -83,10 +74,7 @@ pub fn cut(
             },
         ));
     }
-    Ok((
-        blocks,
-        hasher.map(|h| ContentHash(*h.finalize().as_bytes())),
-    ))
+    Ok(blocks)
 }
 
 /// Checks a peer's block list for a file of `size` bytes.
@@ -190,8 +178,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, bytes).unwrap();
-        let (blocks, whole) = cut(&File::open(&p).unwrap(), bytes.len() as u64, avg, true).unwrap();
-        assert_eq!(whole, Some(ContentHash::of(bytes)));
+        let blocks = cut(&File::open(&p).unwrap(), bytes.len() as u64, avg).unwrap();
+        let mut at = 0;
+        for (offset, b) in &blocks {
+            assert_eq!(*offset, at);
+            let end = at as usize + b.len as usize;
+            assert_eq!(b.hash, ContentHash::of(&bytes[at as usize..end]));
+            at = end as u64;
+        }
+        assert_eq!(at, bytes.len() as u64);
         blocks
     }
 

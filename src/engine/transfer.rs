@@ -273,9 +273,9 @@ pub async fn fetch(
     Ok(got)
 }
 
-/// Answers a peer's `BlocksRequest` for a large file: its block list, then the byte
-/// ranges the peer asks for on the same stream. The list is cut from the file as
-/// it is now, and sent only if the whole file still has `hash`.
+/// Answers a peer's `BlocksRequest` for a large file that the index still has at
+/// `hash`: its block list, then the byte ranges the peer asks for on the same
+/// stream.
 pub async fn serve_blocks(
     engine: &Arc<Engine>,
     path: String,
@@ -306,18 +306,16 @@ pub async fn serve_blocks(
     let Some(avg) = delta::avg_for(size) else {
         return write_message(send, &refuse(format!("{path} is too large for blocks"))).await;
     };
-    // Reading and hashing the whole file: on a blocking thread.
+    // Reading the whole file: on a blocking thread. The list is of the file as
+    // it is now; if that is no longer `hash` (an edit the scan has not seen yet),
+    // the receiver's whole-file check refuses what it assembles.
     let cut = tokio::task::spawn_blocking(move || {
-        let r = delta::cut(&file, size, avg, true);
+        let r = delta::cut(&file, size, avg);
         (file, r)
     })
     .await;
     let (file, blocks) = match cut {
-        Ok((file, Ok((blocks, whole)))) if whole == Some(hash) => (file, blocks),
-        Ok((_, Ok(_))) => {
-            let why = format!("{path} is no longer at that version");
-            return write_message(send, &refuse(why)).await;
-        }
+        Ok((file, Ok(blocks))) => (file, blocks),
         Ok((_, Err(e))) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
         Err(e) => return write_message(send, &refuse(format!("{path}: {e}"))).await,
     };
@@ -391,7 +389,7 @@ pub async fn fetch_delta(
         )));
     };
     let cutting = tokio::task::spawn_blocking(move || {
-        let r = delta::cut(&old, old_size, ours, false);
+        let r = delta::cut(&old, old_size, ours);
         (old, r)
     });
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -415,14 +413,14 @@ pub async fn fetch_delta(
     if avg != ours {
         // The peer cut with another average: cut ours again the same way.
         (old, has) = tokio::task::spawn_blocking(move || {
-            let r = delta::cut(&old, old_size, avg, false);
+            let r = delta::cut(&old, old_size, avg);
             (old, r)
         })
         .await
         .map_err(joined)?;
     }
     let has: std::collections::HashMap<ContentHash, u64> =
-        has?.0.into_iter().map(|(o, b)| (b.hash, o)).collect();
+        has?.into_iter().map(|(o, b)| (b.hash, o)).collect();
     let (pieces, ranges) = delta::plan(&blocks, &has);
     let fetched: u64 = ranges.iter().map(|(_, l)| l).sum();
     write_message(&mut send, &Message::RangesRequest { ranges }).await?;
