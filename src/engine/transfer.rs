@@ -51,6 +51,8 @@ pub enum TransferError {
     Truncated { got: u64, size: u64 },
     #[error("peer's block list: {0}")]
     Blocks(String),
+    #[error("no delta: {0}")]
+    NoDelta(String),
 }
 
 /// Files up to this size are read (sender) or received (receiver) whole in memory,
@@ -374,17 +376,23 @@ pub async fn fetch_delta(
         .read(true)
         .custom_flags(no_follow_flags())
         .open(old)?;
-    let old_size = old.metadata()?.len();
+    let meta = old.metadata()?;
+    if !meta.is_file() {
+        return Err(TransferError::NoDelta(
+            "our version is not a regular file".into(),
+        ));
+    }
+    let old_size = meta.len();
     if old_size > size.saturating_mul(delta::MAX_GROWTH) {
         // Its block map would be out of proportion to what it can save.
-        return Err(TransferError::Blocks(format!(
+        return Err(TransferError::NoDelta(format!(
             "our version ({old_size} bytes) is far larger than the new one"
         )));
     }
     // Our own version is cut while the peer cuts its own, with the average it
     // picks for this size (both sides use `avg_for`): which blocks we have, where.
     let Some(ours) = delta::avg_for(size) else {
-        return Err(TransferError::Blocks(format!(
+        return Err(TransferError::NoDelta(format!(
             "{size} bytes is too large for blocks"
         )));
     };
