@@ -45,7 +45,7 @@ const PATHS: &[&str] = &[
 /// Returns the content written, as [`tree`] describes it, if any.
 fn random_op(rng: &mut Rng, root: &Path, node: &str, counter: &mut u64) -> Option<String> {
     let pick = |rng: &mut Rng| PATHS[rng.below(PATHS.len() as u64) as usize];
-    match rng.below(10) {
+    match rng.below(11) {
         0..=5 => {
             *counter += 1;
             let body =
@@ -69,13 +69,62 @@ fn random_op(rng: &mut Rng, root: &Path, node: &str, counter: &mut u64) -> Optio
                 let _ = std::fs::rename(root.join(from), root.join(to));
             }
         }
-        _ => {
+        9 => {
             let dir = ["d1", "e", "d1/d2"][rng.below(3) as usize];
             let _ = std::fs::remove_dir_all(root.join(dir));
+        }
+        _ => {
+            // A large file (delta transfers): created, or edited in place.
+            *counter += 1;
+            let marker = format!("{node} edited this, #{counter}");
+            let path = root.join(BIG);
+            let mut body = match std::fs::read(&path) {
+                Ok(b) if b.len() >= BIG_SIZE => b,
+                _ => {
+                    let mut x = *counter | 1;
+                    (0..BIG_SIZE + 4096)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        })
+                        .collect()
+                }
+            };
+            let at = rng.below((body.len() - marker.len()) as u64) as usize;
+            body[at..at + marker.len()].copy_from_slice(marker.as_bytes());
+            {
+                use std::io::{Seek, SeekFrom, Write};
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .ok()?;
+                // In place where the file is already large: the watcher sees the
+                // write, and the peer fetches only the blocks around it.
+                if f.metadata().ok()?.len() == body.len() as u64 {
+                    f.seek(SeekFrom::Start(at as u64)).ok()?;
+                    f.write_all(marker.as_bytes()).ok()?;
+                } else {
+                    f.set_len(0).ok()?;
+                    f.write_all(&body).ok()?;
+                }
+            }
+            return Some(format!(
+                "{} bytes {}",
+                body.len(),
+                blake3::hash(&body).to_hex()
+            ));
         }
     }
     None
 }
+
+/// The large file of [`random_op`], big enough for a delta transfer.
+const BIG: &str = "big.bin";
+const BIG_SIZE: usize = 5 << 18;
 
 /// Contents (hashes) of the regular files in a tree.
 fn contents(root: &Path) -> BTreeSet<String> {
