@@ -33,6 +33,30 @@ async fn ask(conn: &quinn::Connection, msg: &Message) -> Result<Option<Message>,
     read_message(&mut recv).await.map_err(|e| e.to_string())
 }
 
+/// Connects to `node` as node c: hello, then a's subscription to c's index, whose
+/// stream is returned for c to answer with whatever records the test needs.
+async fn pose_as_c(
+    env: &TestEnv,
+    node: &dirsync::node::NodeHandle,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream) {
+    let c = Credentials::load(&env.certs, "c").unwrap();
+    let (ep, conn) = raw(node.local_addr(), &c).await;
+    let hello = Message::Hello {
+        version: dirsync::wire::PROTOCOL_VERSION,
+        name: "c".into(),
+    };
+    assert!(matches!(
+        ask(&conn, &hello).await,
+        Ok(Some(Message::Hello { .. }))
+    ));
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await,
+        Ok(Some(Message::Subscribe { .. }))
+    ));
+    (ep, conn, send)
+}
+
 /// The node still answers a legitimate client.
 async fn still_serving(env: &TestEnv, node: &dirsync::node::NodeHandle) {
     let listing = env
@@ -253,21 +277,7 @@ async fn a_peer_cannot_write_outside_the_root() {
     let log = EventLog::of(&a);
 
     // Pose as node c: hello, then answer a's subscription with hostile records.
-    let c = Credentials::load(&env.certs, "c").unwrap();
-    let (_ep, conn) = raw(a.local_addr(), &c).await;
-    let hello = Message::Hello {
-        version: dirsync::wire::PROTOCOL_VERSION,
-        name: "c".into(),
-    };
-    assert!(matches!(
-        ask(&conn, &hello).await,
-        Ok(Some(Message::Hello { .. }))
-    ));
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    assert!(matches!(
-        read_message(&mut recv).await,
-        Ok(Some(Message::Subscribe { .. }))
-    ));
+    let (_ep, conn, mut send) = pose_as_c(&env, &a).await;
     let hostile = [
         "../escaped.txt",
         "/tmp/absolute.txt",
@@ -362,38 +372,14 @@ async fn a_lying_block_list_falls_back_to_the_whole_file() {
     use std::sync::Arc;
     let env = TestEnv::new();
     let da = env.dir("a");
-    let pseudo = |seed: u64| {
-        let mut x = seed | 1;
-        (0..2 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>()
-    };
+    let pseudo = |seed: u64| pseudo_random(2 << 20, seed);
     let (old, new) = (pseudo(3), pseudo(5));
     std::fs::write(da.join("big.bin"), &old).unwrap();
     let a = env.start("a", &[]).await;
     let log = EventLog::of(&a);
     let ours = a.engine().record("big.bin").await.unwrap().unwrap();
 
-    let c = Credentials::load(&env.certs, "c").unwrap();
-    let (_ep, conn) = raw(a.local_addr(), &c).await;
-    let hello = Message::Hello {
-        version: dirsync::wire::PROTOCOL_VERSION,
-        name: "c".into(),
-    };
-    assert!(matches!(
-        ask(&conn, &hello).await,
-        Ok(Some(Message::Hello { .. }))
-    ));
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    assert!(matches!(
-        read_message(&mut recv).await,
-        Ok(Some(Message::Subscribe { .. }))
-    ));
+    let (_ep, conn, mut send) = pose_as_c(&env, &a).await;
     // A newer version of big.bin than a's (it dominates a's version vector).
     let mut newer = record("big.bin", dirsync::sync::record::Kind::File, &new, None);
     newer.version = ours.version.clone();

@@ -387,15 +387,7 @@ async fn a_large_file_edited_or_grown_sends_only_the_blocks_around_the_change() 
     let (da, db) = (env.dir("a"), env.dir("b"));
     let (a, b) = env.pair().await;
     let log = EventLog::of(&b);
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let mut content: Vec<u8> = (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut content = pseudo_random(16 << 20, 0x9e3779b97f4a7c15);
     std::fs::write(env.tmp.path().join("big.tmp"), &content).unwrap();
     std::fs::rename(env.tmp.path().join("big.tmp"), da.join("big.bin")).unwrap();
     wait_content(&db, "big.bin", &content).await;

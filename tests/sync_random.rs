@@ -80,17 +80,7 @@ fn random_op(rng: &mut Rng, root: &Path, node: &str, counter: &mut u64) -> Optio
             let path = root.join(BIG);
             let mut body = match std::fs::read(&path) {
                 Ok(b) if b.len() >= BIG_SIZE => b,
-                _ => {
-                    let mut x = *counter | 1;
-                    (0..BIG_SIZE + 4096)
-                        .map(|_| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            x as u8
-                        })
-                        .collect()
-                }
+                _ => pseudo_random(BIG_SIZE + 4096, *counter),
             };
             let at = rng.below((body.len() - marker.len()) as u64) as usize;
             body[at..at + marker.len()].copy_from_slice(marker.as_bytes());

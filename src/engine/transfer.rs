@@ -76,27 +76,14 @@ pub async fn serve_fetch(
     send: &mut SendStream,
 ) -> Result<(), StreamError> {
     let refuse = |reason: String| Message::Refused { reason };
-    let rel = match RelPath::parse(&path) {
-        Ok(r) => r,
-        Err(e) => return write_message(send, &refuse(e.to_string())).await,
-    };
-    // Index check, open (and, for a small file, read) in one blocking call.
-    let found = {
-        let (me, abs) = (engine.clone(), rel.to_path(&engine.root));
-        engine
-            .small_io
-            .run(move || find_version(&me, &path, &abs, hash))
-            .await
-    };
-    let (mut file, size) = match found {
-        Ok(Found::Bytes(bytes)) => {
+    let (mut file, size) = match requested(engine, &path, hash).await {
+        Found::Bytes(bytes) => {
             let size = bytes.len() as u64;
             let header = Message::FileHeader { size };
             return write_message_and(send, &header, bytes.into()).await;
         }
-        Ok(Found::Open(file, size)) => (file, size),
-        Ok(Found::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
-        Err(e) => return write_message(send, &refuse(e.to_string())).await,
+        Found::Open(file, size) => (file, size),
+        Found::Refuse(reason) => return write_message(send, &refuse(reason)).await,
     };
     write_message(send, &Message::FileHeader { size }).await?;
     let mut left = size;
@@ -122,6 +109,22 @@ pub async fn serve_fetch(
         left -= n as u64;
     }
     Ok(())
+}
+
+/// What a peer's request for `path` at `hash` finds ([`find_version`]): the path
+/// checked first, the index check and the open (and a small file's read) in one
+/// call on a blocking worker.
+async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found {
+    let rel = match RelPath::parse(path) {
+        Ok(r) => r,
+        Err(e) => return Found::Refuse(e.to_string()),
+    };
+    let (me, abs, path) = (engine.clone(), rel.to_path(&engine.root), path.to_string());
+    engine
+        .small_io
+        .run(move || find_version(&me, &path, &abs, hash))
+        .await
+        .unwrap_or_else(|e| Found::Refuse(e.to_string()))
 }
 
 /// The indexed file `path` if it is still at `hash`: read whole if small, opened to
@@ -222,19 +225,25 @@ async fn request(
     )
     .await?;
     let _ = send.finish();
-    let announced = match read_message(&mut recv).await? {
+    read_header(&mut recv, size).await?;
+    Ok(recv)
+}
+
+/// Reads the `FileHeader` that starts an answer of `expected` raw bytes.
+async fn read_header(recv: &mut RecvStream, expected: u64) -> Result<(), TransferError> {
+    let announced = match read_message(recv).await? {
         Some(Message::FileHeader { size }) => size,
         Some(Message::Refused { reason }) => return Err(TransferError::Refused(reason)),
         Some(other) => return Err(TransferError::Unexpected(other.kind())),
         None => return Err(TransferError::Unexpected("end of stream")),
     };
-    if announced != size {
+    if announced != expected {
         return Err(TransferError::SizeMismatch {
             announced,
-            expected: size,
+            expected,
         });
     }
-    Ok(recv)
+    Ok(())
 }
 
 /// Fetches `path` at `hash` (`size` bytes) from the peer on `conn` into `out`,
@@ -286,24 +295,12 @@ pub async fn serve_blocks(
     recv: &mut RecvStream,
 ) -> Result<(), StreamError> {
     let refuse = |reason: String| Message::Refused { reason };
-    let rel = match RelPath::parse(&path) {
-        Ok(r) => r,
-        Err(e) => return write_message(send, &refuse(e.to_string())).await,
-    };
-    let found = {
-        let (me, abs, p) = (engine.clone(), rel.to_path(&engine.root), path.clone());
-        engine
-            .small_io
-            .run(move || find_version(&me, &p, &abs, hash))
-            .await
-    };
-    let (file, size) = match found {
-        Ok(Found::Open(file, size)) => (file, size),
-        Ok(Found::Bytes(_)) => {
+    let (file, size) = match requested(engine, &path, hash).await {
+        Found::Open(file, size) => (file, size),
+        Found::Bytes(_) => {
             return write_message(send, &refuse(format!("{path} is small: fetch it whole"))).await
         }
-        Ok(Found::Refuse(reason)) => return write_message(send, &refuse(reason)).await,
-        Err(e) => return write_message(send, &refuse(e.to_string())).await,
+        Found::Refuse(reason) => return write_message(send, &refuse(reason)).await,
     };
     let Some(avg) = delta::avg_for(size) else {
         return write_message(send, &refuse(format!("{path} is too large for blocks"))).await;
@@ -433,18 +430,7 @@ pub async fn fetch_delta(
     let fetched: u64 = ranges.iter().map(|(_, l)| l).sum();
     write_message(&mut send, &Message::RangesRequest { ranges }).await?;
     let _ = send.finish();
-    let announced = match read_message(&mut recv).await? {
-        Some(Message::FileHeader { size }) => size,
-        Some(Message::Refused { reason }) => return Err(TransferError::Refused(reason)),
-        Some(other) => return Err(TransferError::Unexpected(other.kind())),
-        None => return Err(TransferError::Unexpected("end of stream")),
-    };
-    if announced != fetched {
-        return Err(TransferError::SizeMismatch {
-            announced,
-            expected: fetched,
-        });
-    }
+    read_header(&mut recv, fetched).await?;
     let mut hasher = blake3::Hasher::new();
     let mut got = 0u64;
     for piece in pieces {

@@ -387,3 +387,16 @@ impl Drop for EventLog {
         self.task.abort();
     }
 }
+
+/// `n` deterministic, non-repeating bytes (xorshift), for large test files.
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
