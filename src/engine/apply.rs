@@ -1575,7 +1575,6 @@ fn delta_base(remote: &Record, local: Option<&Entry>) -> bool {
             && e.record.size <= remote.size.saturating_mul(MAX_GROWTH)
             && e.record.hash != remote.hash
     }) && remote.size >= DELTA_FROM
-        && remote.size > transfer::SMALL_FILE
 }
 
 /// Where a file's content comes from.

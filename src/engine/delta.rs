@@ -20,6 +20,8 @@ use crate::wire::Block;
 /// Files below this size (on either side) are fetched whole: a block list and a
 /// second request cost more than they save.
 pub const DELTA_FROM: u64 = 1 << 20;
+// Deltas are made on the streaming path, which only files above SMALL_FILE take.
+const _: () = assert!(DELTA_FROM > super::transfer::SMALL_FILE);
 /// The smallest average block: an edit costs at most a few of these.
 pub const MIN_AVG: u32 = 64 * 1024;
 /// The largest average block FastCDC allows; files that would need larger ones

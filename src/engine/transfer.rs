@@ -322,7 +322,7 @@ pub async fn serve_blocks(
     write_message(send, &Message::Blocks { avg, blocks }).await?;
     let ranges = match read_message(recv).await? {
         Some(Message::RangesRequest { ranges }) => ranges,
-        // The peer gave up (it had everything, or failed): nothing to send.
+        // The peer gave up on the delta (it fetches the file whole): nothing to send.
         _ => return Ok(()),
     };
     take_end(recv).await;
