@@ -12,7 +12,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
 
 use crate::hash::ContentHash;
 use crate::wire::Block;
@@ -160,6 +163,56 @@ pub fn plan(new: &[Block], has: &HashMap<ContentHash, u64>) -> (Vec<Piece>, Vec<
     (pieces, ranges)
 }
 
+/// Writes the new version to `out` by its `pieces` (blocking): each local piece
+/// read from `old`, our older version, and each remote one taken in order from
+/// `remote`, the sender's bytes of the fetched ranges in chunks of any size (none
+/// left: `None`). Returns the BLAKE3 hash of what it wrote. The remote bytes
+/// running out early is an `UnexpectedEof` error.
+pub fn assemble(
+    pieces: &[Piece],
+    old: &File,
+    out: &mut impl Write,
+    mut remote: impl FnMut() -> Option<Bytes>,
+) -> std::io::Result<ContentHash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = Vec::new();
+    let mut pending = Bytes::new();
+    for piece in pieces {
+        match *piece {
+            Piece::Local { offset, len } => {
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(super::transfer::CHUNK as u64) as usize;
+                    buf.resize(n, 0);
+                    old.read_exact_at(&mut buf, offset + done)?;
+                    hasher.update(&buf);
+                    out.write_all(&buf)?;
+                    done += n as u64;
+                }
+            }
+            Piece::Remote { len } => {
+                let mut left = len;
+                while left > 0 {
+                    if pending.is_empty() {
+                        pending = remote().ok_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the peer's ranges ended early",
+                            )
+                        })?;
+                        continue;
+                    }
+                    let part = pending.split_to(pending.len().min(left as usize));
+                    hasher.update(&part);
+                    out.write_all(&part)?;
+                    left -= part.len() as u64;
+                }
+            }
+        }
+    }
+    Ok(ContentHash(*hasher.finalize().as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,11 +229,18 @@ mod tests {
             .collect()
     }
 
-    fn cut_bytes(bytes: &[u8], avg: u32) -> Vec<(u64, Block)> {
+    /// `bytes` in a temp file, open for reading (with the directory that holds it).
+    fn file_of(bytes: &[u8]) -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, bytes).unwrap();
-        let blocks = cut(&File::open(&p).unwrap(), bytes.len() as u64, avg).unwrap();
+        let f = File::open(&p).unwrap();
+        (dir, f)
+    }
+
+    fn cut_bytes(bytes: &[u8], avg: u32) -> Vec<(u64, Block)> {
+        let (_dir, f) = file_of(bytes);
+        let blocks = cut(&f, bytes.len() as u64, avg).unwrap();
         let mut at = 0;
         for (offset, b) in &blocks {
             assert_eq!(*offset, at);
@@ -202,20 +262,27 @@ mod tests {
         check_blocks(avg, &blocks, new.len() as u64).unwrap();
         let (pieces, ranges) = plan(&blocks, &has);
         let total = check_ranges(&ranges, new.len() as u64).unwrap();
-        // Assembling the pieces gives the new version back.
-        let mut out = Vec::new();
-        let mut remote = ranges
+        // Assembling the pieces gives the new version back, whatever sizes the
+        // sender's bytes arrive in (here 1000, across piece boundaries).
+        let wanted: Vec<u8> = ranges
             .iter()
-            .flat_map(|&(o, l)| &new[o as usize..(o + l) as usize]);
-        for p in pieces {
-            match p {
-                Piece::Local { offset, len } => {
-                    out.extend_from_slice(&old[offset as usize..(offset + len) as usize])
-                }
-                Piece::Remote { len } => out.extend(remote.by_ref().take(len as usize)),
-            }
-        }
+            .flat_map(|&(o, l)| &new[o as usize..(o + l) as usize])
+            .copied()
+            .collect();
+        let mut arriving = wanted.chunks(1000).map(Bytes::copy_from_slice);
+        let (_dir, old_file) = file_of(old);
+        let mut out = Vec::new();
+        let hash = assemble(&pieces, &old_file, &mut out, || arriving.next()).unwrap();
         assert!(out == new, "the plan rebuilds the new version");
+        assert_eq!(hash, ContentHash::of(new));
+        if total > 0 {
+            // Fewer bytes than the ranges promise: an error, not a short file.
+            let mut short = wanted[..wanted.len() - 1]
+                .chunks(1000)
+                .map(Bytes::copy_from_slice);
+            let e = assemble(&pieces, &old_file, &mut Vec::new(), || short.next()).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
         total
     }
 

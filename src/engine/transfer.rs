@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream};
 
-use super::delta::{self, Piece};
+use super::delta;
 use super::Engine;
 use crate::hash::ContentHash;
 use crate::path::RelPath;
@@ -19,7 +19,11 @@ use crate::sync::record::Kind;
 use crate::wire::io::{read_message, take_end, write_message, write_message_and, StreamError};
 use crate::wire::Message;
 
-const CHUNK: usize = 256 * 1024;
+/// The most a large file's transfer reads or writes at a time.
+pub(super) const CHUNK: usize = 256 * 1024;
+
+/// Chunks of a delta's fetched bytes that may wait for the assembler.
+const ASSEMBLY_QUEUE: usize = 16;
 
 /// Transfers running and waiting for a slot, for `status`.
 #[derive(Default, Debug)]
@@ -431,39 +435,39 @@ pub async fn fetch_delta(
     write_message(&mut send, &Message::RangesRequest { ranges }).await?;
     let _ = send.finish();
     read_header(&mut recv, fetched).await?;
-    let mut hasher = blake3::Hasher::new();
+    // The file is assembled on a blocking thread (copying our own version can be
+    // most of a large file), fed the sender's bytes as they arrive; the channel
+    // is bounded, so a slow disk slows the sender through QUIC's flow control.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(ASSEMBLY_QUEUE);
+    let mut writer = out.try_clone()?;
+    let assembling = tokio::task::spawn_blocking(move || {
+        delta::assemble(&pieces, &old, &mut writer, || rx.blocking_recv())
+    });
     let mut got = 0u64;
-    for piece in pieces {
-        match piece {
-            Piece::Local { offset, len } => {
-                let mut done = 0u64;
-                while done < len {
-                    let want = (len - done).min(CHUNK as u64) as usize;
-                    let mut buf = vec![0u8; want];
-                    std::os::unix::fs::FileExt::read_exact_at(&old, &mut buf, offset + done)?;
-                    hasher.update(&buf);
-                    out.write_all(&buf)?;
-                    done += want as u64;
-                }
-            }
-            Piece::Remote { len } => {
-                let mut done = 0u64;
-                while done < len {
-                    let want = (len - done).min(CHUNK as u64) as usize;
-                    let chunk = match recv.read_chunk(want, true).await? {
-                        Some(c) => c,
-                        None => return Err(TransferError::Truncated { got, size: fetched }),
-                    };
-                    hasher.update(&chunk.bytes);
-                    out.write_all(&chunk.bytes)?;
-                    done += chunk.bytes.len() as u64;
-                    got += chunk.bytes.len() as u64;
-                }
+    let received: Result<(), TransferError> = async {
+        while got < fetched {
+            let want = ((fetched - got) as usize).min(CHUNK);
+            let chunk = match recv.read_chunk(want, true).await? {
+                Some(c) => c.bytes,
+                None => return Err(TransferError::Truncated { got, size: fetched }),
+            };
+            got += chunk.len() as u64;
+            if !chunk.is_empty() && tx.send(chunk).await.is_err() {
+                // The assembler stopped; its error says why.
+                break;
             }
         }
+        Ok(())
     }
+    .await;
+    drop(tx);
+    // Awaited even when receiving failed: the caller reuses `out` only once
+    // nothing writes to it any more.
+    let assembled = assembling.await;
+    received?;
+    let written = assembled.map_err(|e| std::io::Error::other(e.to_string()))??;
     take_end(&mut recv).await;
-    if ContentHash(*hasher.finalize().as_bytes()) != hash {
+    if written != hash {
         return Err(TransferError::HashMismatch);
     }
     Ok(DeltaStats { fetched })
