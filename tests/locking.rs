@@ -295,3 +295,59 @@ async fn a_tree_deleted_around_a_locked_file_goes_after_the_unlock() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_versions_staged_while_locked_come_as_deltas() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let (a, b) = env.pair().await;
+    let mut content = pseudo_random(4 << 20, 0x2545f4914f6cdd1d);
+    std::fs::write(env.tmp.path().join("big.tmp"), &content).unwrap();
+    std::fs::rename(env.tmp.path().join("big.tmp"), db.join("big.bin")).unwrap();
+    wait_content(&da, "big.bin", &content).await;
+    let original = content.clone();
+    let cli = env.client(&a).await;
+    cli.lock("big.bin", None).await.expect("lock");
+    let log = EventLog::of(&a);
+    // What came from the peer for each staged version.
+    let fetched = |log: &EventLog| -> Vec<Option<u64>> {
+        log.all()
+            .iter()
+            .filter(|e| e.event == EventKind::Staged && e.path.as_deref() == Some("big.bin"))
+            .map(|e| {
+                let d = e.detail.as_deref()?.split("delta: fetched ").nth(1)?;
+                d.split(' ').next()?.parse().ok()
+            })
+            .collect()
+    };
+    // Each staged version comes as a delta (the first against the locked file,
+    // the second against the first staged version) of at most the two blocks
+    // (256 KiB at most each) around its edit.
+    for (i, at) in [1usize << 20, 3 << 20].into_iter().enumerate() {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(db.join("big.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&[i as u8 + 1; 4096]).unwrap();
+        drop(f);
+        content[at..at + 4096].fill(i as u8 + 1);
+        wait_staged(&log, "big.bin", i + 1).await;
+    }
+    let sizes = fetched(&log);
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert!(
+        sizes
+            .iter()
+            .all(|n| n.is_some_and(|n| n > 0 && n <= 512 * 1024)),
+        "staged versions came as deltas: {sizes:?}"
+    );
+    assert_eq!(std::fs::read(da.join("big.bin")).unwrap(), original);
+    assert_eq!(cli.unlock("big.bin", false).await.expect("unlock"), (2, 2));
+    wait_content(&da, "big.bin", &content).await;
+    wait_same_trees(&[&da, &db], Duration::from_secs(20)).await;
+    cli.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{Seek as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1495,41 +1495,22 @@ async fn install_file(
         }
         (None, Source::Peer(conn)) => Content::Stream(conn.clone()),
     };
-    let base = delta_base(remote, local).then(|| abs.clone());
+    let base = delta_base(remote, local.map(|e| &e.record)).then(|| abs.clone());
     let target = Target::of(engine, remote, local.cloned())?;
     let mut fetched = None;
     let (stat, bytes) = match content {
         Content::Stream(conn) => {
             let (tmp, mut file) = target.create_temp()?;
-            // Only the blocks our older version lacks, if the peer can; else (or if
-            // that fails) the whole file.
-            if let Some(old) = base {
-                let (path, hash, size) = (&remote.path, remote.hash, remote.size);
-                match transfer::fetch_delta(&conn, path, hash, size, &old, &mut file).await {
-                    Ok(d) => fetched = Some(d.fetched),
-                    Err(e) => {
-                        tracing::debug!(
-                            "{}: delta of {path} failed ({e}); fetching it whole",
-                            engine.name
-                        );
-                        if let Err(e) = file.set_len(0).and_then(|_| file.rewind()) {
-                            let _ = fs::remove_file(&tmp);
-                            return Err(format!("{}: {e}", tmp.display()));
-                        }
-                    }
-                }
-            }
-            let written = match fetched {
-                Some(_) => Ok(remote.size),
-                None => {
-                    transfer::fetch(&conn, &remote.path, remote.hash, remote.size, &mut file).await
-                }
-            };
-            match written {
-                Ok(n) => {
+            let want = (remote.path.as_str(), remote.hash, remote.size);
+            let got =
+                transfer::fetch_with_base(&conn, &engine.name, want, base.as_deref(), &mut file)
+                    .await;
+            match got {
+                Ok(delta) => {
+                    fetched = delta;
                     let placed =
                         tokio::task::spawn_blocking(move || target.place(&tmp, file)).await;
-                    (placed.map_err(|e| e.to_string())??, n)
+                    (placed.map_err(|e| e.to_string())??, remote.size)
                 }
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);
@@ -1564,16 +1545,17 @@ struct Installed {
     fetched: Option<u64>,
 }
 
-/// Whether a large file is fetched as a delta against our version `local` of the
-/// same path: both versions large enough (ours not far larger), ours a live file.
-fn delta_base(remote: &Record, local: Option<&Entry>) -> bool {
+/// Whether a large file `remote` is fetched as a delta against `older`, a version
+/// of it we hold: both large enough (ours not far larger), ours a live file with
+/// other content.
+pub(super) fn delta_base(remote: &Record, older: Option<&Record>) -> bool {
     use super::delta::{DELTA_FROM, MAX_GROWTH};
-    local.is_some_and(|e| {
-        !e.record.deleted
-            && e.record.kind == Kind::File
-            && e.record.size >= DELTA_FROM
-            && e.record.size <= remote.size.saturating_mul(MAX_GROWTH)
-            && e.record.hash != remote.hash
+    older.is_some_and(|o| {
+        !o.deleted
+            && o.kind == Kind::File
+            && o.size >= DELTA_FROM
+            && o.size <= remote.size.saturating_mul(MAX_GROWTH)
+            && o.hash != remote.hash
     }) && remote.size >= DELTA_FROM
 }
 

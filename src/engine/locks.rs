@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use quinn::Connection;
 
-use super::apply::{self, Batch, Done, Source, View};
+use super::apply::{self, delta_base, Batch, Done, Source, View};
 use super::{transfer, Engine, EngineError};
 use crate::events::{Event, EventKind};
 use crate::index::queue::{NewQueued, Queued};
@@ -550,6 +550,42 @@ impl Engine {
     }
 }
 
+/// What a staged download of `remote` (a large file) is made a delta against:
+/// the newest staged version of its path, the closest to it, else the locked
+/// file itself as the index knows it. Either may change or go away meanwhile
+/// (an unlock applies the queue, the lock holder edits): the delta then fails
+/// its hash check, and the file is fetched whole.
+async fn staging_base(engine: &Arc<Engine>, remote: &Record) -> Option<PathBuf> {
+    if remote.size < super::delta::DELTA_FROM {
+        return None;
+    }
+    let path = remote.path.clone();
+    let (queue, live) = engine
+        .with_store(move |s| {
+            (
+                s.queue(&path).unwrap_or_default(),
+                s.get(&path).ok().flatten(),
+            )
+        })
+        .await
+        .ok()?;
+    if let Some(q) = queue
+        .iter()
+        .rev()
+        .find(|q| q.staged.is_some() && !q.record.deleted)
+    {
+        let name = q.staged.as_ref()?;
+        return delta_base(remote, Some(&q.record)).then(|| engine.staging.join(name));
+    }
+    let live = live?;
+    if !delta_base(remote, Some(&live.record)) {
+        return None;
+    }
+    RelPath::parse(&remote.path)
+        .ok()
+        .map(|rel| rel.to_path(&engine.root))
+}
+
 static STAGE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Stages `remote`, a peer's version of a locked path: a live file's content is
@@ -561,6 +597,8 @@ pub(super) async fn stage(
     conn: &Connection,
     remote: Record,
 ) -> Result<Done, String> {
+    // With a delta transfer, the bytes that came from the peer.
+    let mut delta = None;
     let staged = if remote.kind == Kind::File && !remote.deleted {
         let n = STAGE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let stamp = now();
@@ -577,11 +615,15 @@ pub(super) async fn stage(
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let fetched = transfer::fetch(conn, &remote.path, remote.hash, remote.size, &mut file)
-            .await
-            .map_err(|e| e.to_string());
+        let base = staging_base(engine, &remote).await;
+        let want = (remote.path.as_str(), remote.hash, remote.size);
+        let fetched =
+            transfer::fetch_with_base(conn, &engine.name, want, base.as_deref(), &mut file)
+                .await
+                .map_err(|e| e.to_string());
         let synced = match fetched {
-            Ok(_) => {
+            Ok(d) => {
+                delta = d;
                 tokio::task::spawn_blocking(move || file.sync_all().map_err(|e| e.to_string()))
                     .await
                     .map_err(|e| e.to_string())
@@ -621,7 +663,13 @@ pub(super) async fn stage(
     let mut event = Event::new(&engine.name, EventKind::Staged)
         .path(remote.path.clone())
         .peer(peer)
-        .detail(format!("{what}; locked by {owner}, applied on unlock"));
+        .detail(match delta {
+            Some(n) => format!(
+                "{what}; locked by {owner}, applied on unlock; delta: fetched {n} of {} bytes",
+                remote.size
+            ),
+            None => format!("{what}; locked by {owner}, applied on unlock"),
+        });
     if remote.kind == Kind::File && !remote.deleted {
         event = event.bytes(remote.size);
     }

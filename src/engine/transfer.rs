@@ -3,7 +3,7 @@
 //! accepts it only if the BLAKE3 hash is the one the index record promised.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -471,6 +471,30 @@ pub async fn fetch_delta(
         return Err(TransferError::HashMismatch);
     }
     Ok(DeltaStats { fetched })
+}
+
+/// Fetches `path` at `hash` (`size` bytes) into `out`, a new empty temp file:
+/// only the blocks that `base` (our older version of it) lacks, if there is one
+/// and the delta works; else, or after any delta failure, the whole file. Returns
+/// the bytes that came from the peer when a delta did it.
+pub async fn fetch_with_base(
+    conn: &Connection,
+    node: &str,
+    (path, hash, size): (&str, ContentHash, u64),
+    base: Option<&Path>,
+    out: &mut File,
+) -> Result<Option<u64>, TransferError> {
+    if let Some(old) = base {
+        match fetch_delta(conn, path, hash, size, old, out).await {
+            Ok(d) => return Ok(Some(d.fetched)),
+            Err(e) => {
+                tracing::debug!("{node}: delta of {path} failed ({e}); fetching it whole");
+                out.set_len(0)?;
+                out.rewind()?;
+            }
+        }
+    }
+    fetch(conn, path, hash, size, out).await.map(|_| None)
 }
 
 /// Copies the local file `from` into `out`, checking it still has `hash`.
