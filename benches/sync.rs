@@ -1,5 +1,6 @@
 //! Benchmarks that print figures (never timed assertions): `just bench` or
-//! `cargo bench --bench sync [-- latency small large restart delta]`.
+//! `cargo bench --bench sync [-- latency small large restart delta]`; `scale`
+//! (100,000 tiny files, with memory per file) runs only when named.
 //!
 //! Both nodes run in this process over loopback QUIC with real certificates.
 //! Reference tools measured in the same run: `cp -a` and an rsync daemon over
@@ -151,15 +152,48 @@ fn time_cmd(cmd: &mut Command) -> Option<Duration> {
     ok.then(|| t.elapsed())
 }
 
-/// rsync daemon on loopback serving `src`; copies it into `dst`.
-fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<Duration> {
+/// rsync daemon on loopback serving `src`; copies it into `dst`. Returns the
+/// time and, where `/usr/bin/time` is installed, the peak RSS (KiB) of the
+/// receiving client process.
+fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<(Duration, Option<u64>)> {
     let daemon = RsyncDaemon::start(src, work)?;
-    time_cmd(
-        Command::new("rsync")
-            .arg("-a")
-            .arg(format!("rsync://127.0.0.1:{}/w/", daemon.port))
+    let url = format!("rsync://127.0.0.1:{}/w/", daemon.port);
+    let gnu_time = Path::new("/usr/bin/time");
+    if !gnu_time.exists() {
+        let took = time_cmd(Command::new("rsync").arg("-a").arg(&url).arg(dst))?;
+        return Some((took, None));
+    }
+    let rss = work.join("rsync-rss");
+    let took = time_cmd(
+        Command::new(gnu_time)
+            .args(["-f", "%M", "-o"])
+            .arg(&rss)
+            .args(["rsync", "-a"])
+            .arg(&url)
             .arg(dst),
-    )
+    )?;
+    let kib = std::fs::read_to_string(&rss)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    Some((took, kib))
+}
+
+/// A `/proc/self/status` figure in KiB (`VmRSS`, `VmHWM`); Linux.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
+}
+
+/// Starts measuring the process's peak RSS afresh (`VmHWM`), so one workload's
+/// peak is not an earlier one's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// rsync from the daemon serving `src` into `dst` (which already holds an older
@@ -332,10 +366,13 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         bench.dir(&format!("{what}-b")),
     );
     gen(what, &da);
+    reset_peak_rss();
+    let rss_before = status_kib("VmRSS");
     let cpu = cpu_seconds();
     let t = Instant::now();
     let a = node::start(bench.config("a", &da, &[])).await.expect("a");
     let indexed = t.elapsed();
+
     let b_config = bench.config("b", &db, &[&a]);
     let b = node::start(b_config.clone()).await.expect("b");
     let ok = wait_caught_up(&a, &b, b.events(), Duration::from_secs(600), t).await;
@@ -346,11 +383,24 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         indexed.as_secs_f64(),
         (ours - indexed).as_secs_f64()
     );
+    let (rss_peak, rss_after) = (status_kib("VmHWM"), status_kib("VmRSS"));
+
     let (files, bytes) = a.engine().totals().await.expect("totals");
     println!(
         "{what}: {files} files, {:.1} MB, from an empty peer",
         bytes as f64 / 1e6
     );
+    if let (Some(before), Some(peak), Some(after)) = (rss_before, rss_peak, rss_after) {
+        let per_file = |kib: u64| kib.saturating_sub(before) as f64 * 1024.0 / files.max(1) as f64;
+        println!(
+            "  memory of both nodes (above the process's {:.1} MB before they started): peak {:.1} MB, {:.0} bytes per file; once in sync {:.1} MB, {:.0} bytes per file",
+            before as f64 / 1024.0,
+            peak.saturating_sub(before) as f64 / 1024.0,
+            per_file(peak),
+            after.saturating_sub(before) as f64 / 1024.0,
+            per_file(after),
+        );
+    }
     println!(
         "  dirsync (start both nodes, hash, sync, fsync): {:.3} s, {cpu:.2} s of CPU for both nodes{}",
         ours.as_secs_f64(),
@@ -370,11 +420,16 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
             ours.as_secs_f64() / cp.as_secs_f64()
         );
     }
-    if let Some(rs) = rs {
+    if let Some((rs, rss)) = rs {
         println!(
-            "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x)",
+            "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x){}",
             rs.as_secs_f64(),
-            ours.as_secs_f64() / rs.as_secs_f64()
+            ours.as_secs_f64() / rs.as_secs_f64(),
+            rss.map(|k| format!(
+                "; its receiving client's peak RSS {:.1} MB",
+                k as f64 / 1024.0
+            ))
+            .unwrap_or_default()
         );
     }
     if restart {
@@ -392,7 +447,12 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        println!("  restart of b with {files} unchanged files: rescan {:.3} s, reconnected {:.3} s, a new file through {:.3} s (target 0.5 s; unison no-change ~0.15 s)",
+        let target = if what == "small" {
+            " (target 0.5 s; unison no-change ~0.15 s)"
+        } else {
+            ""
+        };
+        println!("  restart of b with {files} unchanged files: rescan {:.3} s, reconnected {:.3} s, a new file through {:.3} s{target}",
             started.as_secs_f64(), connected.as_secs_f64(), t.elapsed().as_secs_f64());
         b.shutdown().await;
     } else {
@@ -427,6 +487,10 @@ fn main() {
         }
         if want("delta") {
             delta(&bench).await;
+        }
+        // Long (100,000 files are generated first): only when asked for.
+        if args.iter().any(|a| a == "scale") {
+            workload(&bench, "many", true).await;
         }
     });
 }
