@@ -432,6 +432,17 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
             .unwrap_or_default()
         );
     }
+    if what == "many" {
+        // What an idle node keeps: the engine forgets its own writes after 10-20 s.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        if let (Some(before), Some(idle)) = (rss_before, status_kib("VmRSS")) {
+            println!(
+                "  memory of both nodes 25 s after: {:.1} MB, {:.0} bytes per file",
+                idle.saturating_sub(before) as f64 / 1024.0,
+                idle.saturating_sub(before) as f64 * 1024.0 / files.max(1) as f64
+            );
+        }
+    }
     if restart {
         b.shutdown().await;
         let t = Instant::now();
@@ -462,6 +473,8 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
 }
 
 fn main() {
+    // As the binaries do, before the runtime starts its threads.
+    dirsync::memory::limit_arenas();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

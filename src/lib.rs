@@ -11,6 +11,7 @@
 //! | [`engine`] | the sync engine: local scans, applying peers' records, transfers (delta transfers of large files by content-defined blocks), conflicts, locks and their staged FIFO queues |
 //! | [`events`] | what a node does, as events (log lines, `dirsync-cli watch`) and its status |
 //! | [`listing`] | merging every node's files into one listing; table and JSON output |
+//! | [`memory`] | the C allocator's arenas capped, and freed memory handed back once a node is quiet |
 //! | [`path`] | [`path::RelPath`]: relative paths validated so a peer can never escape the root |
 //! | [`sync`] | the pure sync model: records, version vectors, diff to a plan, conflicts |
 //! | [`ignore`] | `.dirsyncignore` rules (gitignore syntax) |
@@ -35,6 +36,7 @@ pub mod hash;
 pub mod ignore;
 pub mod index;
 pub mod listing;
+pub mod memory;
 pub mod node;
 pub mod path;
 pub mod sync;

@@ -4,11 +4,19 @@ use anyhow::Context;
 use clap::Parser;
 use dirsync::config::NodeArgs;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime starts its threads.
+    dirsync::memory::limit_arenas();
     let args = NodeArgs::parse();
     init_logging(args.log.as_deref());
-    match run(args).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dirsync-node: error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dirsync-node: error: {e:#}");

@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
 
@@ -78,6 +79,63 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     }
 }
 
+/// What the engine wrote lately, path by path (its stat, or `None` for a
+/// deletion): the watcher's events for these are our own echo. They are needed
+/// only until the watcher has reported them, milliseconds later, so entries live
+/// between one and two [`ECHO_MEMORY`] periods and are then forgotten: after a
+/// bulk install of a million files the node does not keep a million paths.
+/// Forgetting one early only costs a scan of that path, which finds it unchanged.
+#[derive(Default)]
+struct Written {
+    recent: HashMap<String, Option<StatKey>>,
+    older: HashMap<String, Option<StatKey>>,
+    since: Option<Instant>,
+}
+
+/// How long the index must stay unchanged before freed memory is handed back.
+const QUIET_BEFORE_TRIM: Duration = Duration::from_secs(5);
+
+/// See [`Engine::tidy`].
+struct Quiet {
+    /// The index's sequence number at the last tick, and since when it is that.
+    seq: Option<u64>,
+    since: Instant,
+    /// The sequence number memory was last handed back at.
+    trimmed: Option<u64>,
+}
+
+impl Default for Quiet {
+    fn default() -> Quiet {
+        Quiet {
+            seq: None,
+            since: Instant::now(),
+            trimmed: None,
+        }
+    }
+}
+
+/// How long the engine's own writes are remembered as such (see [`Written`]).
+const ECHO_MEMORY: Duration = Duration::from_secs(10);
+
+impl Written {
+    /// Moves on a generation when the current one is old enough.
+    fn age(&mut self) {
+        if self.recent.is_empty() && self.older.is_empty() {
+            self.since = None;
+            return;
+        }
+        let now = Instant::now();
+        match self.since {
+            Some(t) if now.duration_since(t) < ECHO_MEMORY => {}
+            Some(_) => {
+                self.older = std::mem::take(&mut self.recent);
+                self.since = Some(now);
+            }
+            None => self.since = Some(now),
+        }
+    }
+}
+
 /// One node's sync engine; shared by the node's tasks.
 pub struct Engine {
     name: String,
@@ -101,9 +159,12 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Option<Timestamp>>>,
     /// Where staged versions of locked paths wait, inside the state dir.
     staging: PathBuf,
-    /// What the engine itself just wrote (path -> stat, `None` for a deletion):
-    /// the watcher's events for it are recognised by a stat, without a scan.
-    written: Mutex<HashMap<String, Option<StatKey>>>,
+    /// What the engine itself just wrote: the watcher's events for it are
+    /// recognised by a stat, without a scan.
+    written: Mutex<Written>,
+    /// When the index last changed and when freed memory was last handed back
+    /// (see [`Engine::tidy`]).
+    quiet: Mutex<Quiet>,
     /// Paths a scan found claimed by an install: looked at again once the last
     /// claim on each is released (taken after `installing`).
     after_install: Mutex<HashSet<String>>,
@@ -208,6 +269,7 @@ impl Engine {
             staging,
             written: Mutex::default(),
             after_install: Mutex::default(),
+            quiet: Mutex::default(),
             small_io: io_queue::IoQueue::new(SMALL_IO_WORKERS),
             releases: tokio::sync::Mutex::new(()),
             resume_releases: std::sync::atomic::AtomicBool::new(true),
@@ -333,27 +395,51 @@ impl Engine {
         &self,
         written: impl IntoIterator<Item = (String, Option<StatKey>)>,
     ) {
-        let mut map = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 200_000 {
-            map.clear();
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        w.age();
+        w.recent.extend(written);
+    }
+
+    /// Housekeeping, run on the node's periodic tick: forgets the engine's writes
+    /// older than [`ECHO_MEMORY`], and once the index has stayed unchanged for
+    /// [`QUIET_BEFORE_TRIM`] after changing (a bulk sync or scan is over), hands
+    /// the memory it freed back to the system (see [`crate::memory`]): a node
+    /// that once synced 100,000 files would otherwise stay at its peak size.
+    pub(crate) fn tidy(&self) {
+        self.written.lock().unwrap_or_else(|p| p.into_inner()).age();
+        let seq = *self.seq.borrow();
+        let now = Instant::now();
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        if quiet.seq != Some(seq) {
+            quiet.seq = Some(seq);
+            quiet.since = now;
+        } else if quiet.trimmed != Some(seq)
+            && now.duration_since(quiet.since) >= QUIET_BEFORE_TRIM
+            && self
+                .transfers
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+        {
+            quiet.trimmed = Some(seq);
+            tokio::task::spawn_blocking(crate::memory::release_freed);
         }
-        map.extend(written);
     }
 
     /// Forgets what the engine last wrote at `path`: its next event or recheck is
     /// a real scan.
     pub(crate) fn forget_written(&self, path: &str) {
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(path);
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        w.recent.remove(path);
+        w.older.remove(path);
     }
 
     /// Whether `path` is still exactly what the engine last wrote there (then a
     /// watcher event for it is our own echo and needs no scan).
     fn is_echo(&self, path: &str) -> bool {
-        let mut map = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(expected) = map.get(path) else {
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        w.age();
+        let Some(expected) = w.recent.get(path).or_else(|| w.older.get(path)) else {
             return false;
         };
         let now = self.root.join(path).symlink_metadata();
@@ -363,7 +449,8 @@ impl Engine {
             _ => false,
         };
         if !same {
-            map.remove(path);
+            w.recent.remove(path);
+            w.older.remove(path);
         }
         same
     }
@@ -769,6 +856,25 @@ impl Drop for InstallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_writes_are_remembered_for_one_to_two_periods() {
+        let mut w = Written::default();
+        let one_period_ago = |w: &Written| w.since.and_then(|t| t.checked_sub(ECHO_MEMORY));
+        w.recent.insert("f".into(), None);
+        w.age(); // the period starts
+        assert!(w.recent.contains_key("f"));
+        w.age(); // not over yet
+        assert!(w.recent.contains_key("f"));
+        w.since = one_period_ago(&w);
+        w.age();
+        assert!(w.recent.is_empty() && w.older.contains_key("f"));
+        w.since = one_period_ago(&w);
+        w.age();
+        assert!(w.recent.is_empty() && w.older.is_empty());
+        w.age();
+        assert_eq!(w.since, None, "nothing left: no period running");
+    }
 
     async fn indexed(engine: &Arc<Engine>, path: &str) -> Option<crate::sync::record::Record> {
         engine.record(path).await.unwrap()

@@ -108,7 +108,8 @@ pub(crate) async fn watch_loop(shared: Arc<Shared>, watching: Watching) {
 const LOCK_TICK: Duration = Duration::from_millis(250);
 
 /// Releases locks whose TTL passed, and finishes releases that a restart or an
-/// error interrupted (the first tick runs at start-up).
+/// error interrupted (the first tick runs at start-up). Each tick also runs the
+/// engine's housekeeping ([`Engine::tidy`](crate::engine::Engine::tidy)).
 pub(crate) async fn lock_loop(shared: Arc<Shared>) {
     let engine = shared.engine.clone();
     let mut tick = tokio::time::interval(LOCK_TICK);
@@ -119,6 +120,7 @@ pub(crate) async fn lock_loop(shared: Arc<Shared>) {
             _ = shared.cancelled() => return,
             _ = tick.tick() => {}
         }
+        engine.tidy();
         match engine.release_due().await {
             Ok(()) => failures = 0,
             Err(e) => {
