@@ -85,6 +85,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 /// between one and two [`ECHO_MEMORY`] periods and are then forgotten: after a
 /// bulk install of a million files the node does not keep a million paths.
 /// Forgetting one early only costs a scan of that path, which finds it unchanged.
+/// Aged by [`Engine::tidy`].
 #[derive(Default)]
 struct Written {
     recent: HashMap<String, Option<StatKey>>,
@@ -118,20 +119,26 @@ impl Default for Quiet {
 const ECHO_MEMORY: Duration = Duration::from_secs(10);
 
 impl Written {
-    /// Moves on a generation when the current one is old enough.
-    fn age(&mut self) {
+    /// Moves on a generation when the current one is old enough; true if that
+    /// forgot some writes.
+    fn age(&mut self) -> bool {
         if self.recent.is_empty() && self.older.is_empty() {
             self.since = None;
-            return;
+            return false;
         }
         let now = Instant::now();
         match self.since {
-            Some(t) if now.duration_since(t) < ECHO_MEMORY => {}
+            Some(t) if now.duration_since(t) < ECHO_MEMORY => false,
             Some(_) => {
+                let forgot = !self.older.is_empty();
                 self.older = std::mem::take(&mut self.recent);
                 self.since = Some(now);
+                forgot
             }
-            None => self.since = Some(now),
+            None => {
+                self.since = Some(now);
+                false
+            }
         }
     }
 }
@@ -396,7 +403,6 @@ impl Engine {
         written: impl IntoIterator<Item = (String, Option<StatKey>)>,
     ) {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        w.age();
         w.recent.extend(written);
     }
 
@@ -406,10 +412,14 @@ impl Engine {
     /// the memory it freed back to the system (see [`crate::memory`]): a node
     /// that once synced 100,000 files would otherwise stay at its peak size.
     pub(crate) fn tidy(&self) {
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).age();
+        let forgot = self.written.lock().unwrap_or_else(|p| p.into_inner()).age();
         let seq = *self.seq.borrow();
         let now = Instant::now();
         let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        if forgot {
+            // What was just forgotten is handed back too.
+            quiet.trimmed = None;
+        }
         if quiet.seq != Some(seq) {
             quiet.seq = Some(seq);
             quiet.since = now;
@@ -438,7 +448,6 @@ impl Engine {
     /// watcher event for it is our own echo and needs no scan).
     fn is_echo(&self, path: &str) -> bool {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        w.age();
         let Some(expected) = w.recent.get(path).or_else(|| w.older.get(path)) else {
             return false;
         };
@@ -862,17 +871,17 @@ mod tests {
         let mut w = Written::default();
         let one_period_ago = |w: &Written| w.since.and_then(|t| t.checked_sub(ECHO_MEMORY));
         w.recent.insert("f".into(), None);
-        w.age(); // the period starts
+        assert!(!w.age()); // the period starts
         assert!(w.recent.contains_key("f"));
-        w.age(); // not over yet
+        assert!(!w.age()); // not over yet
         assert!(w.recent.contains_key("f"));
         w.since = one_period_ago(&w);
-        w.age();
+        assert!(!w.age(), "still remembered, as older");
         assert!(w.recent.is_empty() && w.older.contains_key("f"));
         w.since = one_period_ago(&w);
-        w.age();
+        assert!(w.age(), "forgotten");
         assert!(w.recent.is_empty() && w.older.is_empty());
-        w.age();
+        assert!(!w.age());
         assert_eq!(w.since, None, "nothing left: no period running");
     }
 
