@@ -445,8 +445,17 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
     }
     if restart {
         b.shutdown().await;
+        reset_peak_rss();
+        let rss_before = status_kib("VmRSS");
         let t = Instant::now();
         let b = node::start(b_config).await.expect("b again");
+        let rescan_peak = match (rss_before, status_kib("VmHWM")) {
+            (Some(before), Some(peak)) => format!(
+                "; memory at the rescan's peak: {:.1} MB above the process's size before it",
+                peak.saturating_sub(before) as f64 / 1024.0
+            ),
+            _ => String::new(),
+        };
         let started = t.elapsed();
         wait_connected(&a, &b).await;
         let connected = t.elapsed();
@@ -463,7 +472,7 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         } else {
             ""
         };
-        println!("  restart of b with {files} unchanged files: rescan {:.3} s, reconnected {:.3} s, a new file through {:.3} s{target}",
+        println!("  restart of b with {files} unchanged files: rescan {:.3} s, reconnected {:.3} s, a new file through {:.3} s{target}{rescan_peak}",
             started.as_secs_f64(), connected.as_secs_f64(), t.elapsed().as_secs_f64());
         b.shutdown().await;
     } else {

@@ -202,6 +202,9 @@ struct Ctx<'a> {
 }
 
 impl ScanContext for Ctx<'_> {
+    fn expected_entries(&self) -> usize {
+        self.entries.len()
+    }
     fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash> {
         self.entries
             .get(path)
@@ -628,18 +631,19 @@ impl Engine {
         let mut entries: HashMap<String, Entry> = HashMap::new();
         let seq_read = {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            let list = match &scopes {
-                None => store.all()?,
+            let mut put = |e: Entry| {
+                entries.insert(e.record.path.clone(), e);
+            };
+            match &scopes {
+                None => store.each_entry(None, &mut put)?,
                 Some(list) if list.is_empty() => return Ok(0),
                 Some(list) => store.read(|store| {
-                    let mut all = Vec::new();
                     for s in list {
-                        all.extend(store.under(s)?);
+                        store.each_entry(Some(s), &mut put)?;
                     }
-                    Ok(all)
+                    Ok(())
                 })?,
             };
-            entries.extend(list.into_iter().map(|e| (e.record.path.clone(), e)));
             store.max_seq()
         };
         let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
@@ -656,7 +660,12 @@ impl Engine {
         };
         for scope in roots {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
-            observed.extend(outcome.entries_logged(&self.name, &mut missed));
+            let found = outcome.entries_logged(&self.name, &mut missed);
+            if observed.is_empty() {
+                observed = found; // a full scan's one list, not copied
+            } else {
+                observed.extend(found);
+            }
         }
         #[cfg(test)]
         if let Some(hook) = self

@@ -92,6 +92,11 @@ pub struct NotObserved {
 
 /// What a scan needs to know besides the disk.
 pub trait ScanContext {
+    /// About how many entries a scan of the whole tree will find (the index's
+    /// count): room for them is made at once.
+    fn expected_entries(&self) -> usize {
+        0
+    }
     /// The hash of `path` if it was computed when the file had exactly `stat`.
     fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash>;
     /// Paths the user asked to ignore (`.dirsyncignore`).
@@ -112,6 +117,12 @@ pub fn scan(
     ctx: &impl ScanContext,
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = ScanOutcome::default();
+    if sub.is_none() {
+        // A whole tree: room at once for what the index holds and a few more,
+        // rather than doubling up to it (a list twice the tree, at the end).
+        out.entries
+            .reserve(ctx.expected_entries() + ctx.expected_entries() / 16);
+    }
     let root_meta = fs::metadata(root).map_err(|source| ScanError::Root {
         path: root.to_path_buf(),
         source,

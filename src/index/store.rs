@@ -327,13 +327,46 @@ impl Store {
     }
 
     fn select(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        self.select_each(sql, args, &mut |e| out.push(e))?;
+        Ok(out)
+    }
+
+    /// Hands each entry of `sql`'s rows to `f`, one at a time.
+    fn select_each(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+        f: &mut dyn FnMut(Entry),
+    ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         let mut rows = stmt.query(args)?;
-        let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            out.push(read_entry(row)?);
+            f(read_entry(row)?);
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Hands every entry (`scope` `None`), or those of `scope` and below it, to
+    /// `f` one at a time, tombstones included: a full scan of a large tree builds
+    /// its map of the index without a second copy of it in a list.
+    pub fn each_entry(
+        &self,
+        scope: Option<&str>,
+        f: &mut dyn FnMut(Entry),
+    ) -> Result<(), StoreError> {
+        match scope {
+            None => self.select_each(concat!("SELECT ", columns!(), " FROM files"), [], f),
+            Some(path) => self.select_each(
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM files WHERE path = ?1 OR (path >= ?2 AND path < ?3)"
+                ),
+                params![path, format!("{path}/"), format!("{path}0")],
+                f,
+            ),
+        }
     }
 
     /// Writes `updates` in one transaction, each under the next sequence number, and
