@@ -138,10 +138,10 @@ async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found
 fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Found {
     let current = {
         let store = engine.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.get(path)
+        store.served(path)
     };
     let current = match current {
-        Ok(Some(e)) => e.record,
+        Ok(Some(c)) => c,
         _ => return Found::Refuse(format!("{path} is not in the index")),
     };
     let moved_on = || Found::Refuse(format!("{path} is no longer at that version"));

@@ -130,6 +130,15 @@ pub(super) fn corrupt(path: &str, reason: impl ToString) -> StoreError {
     }
 }
 
+/// The part of a record that serving a fetch checks ([`Store::served`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub kind: Kind,
+    pub deleted: bool,
+    pub hash: ContentHash,
+    pub size: u64,
+}
+
 fn read_entry(row: &Row<'_>) -> Result<Entry, StoreError> {
     let path: String = row.get(0)?;
     let kind = match row.get::<_, i64>(1)? {
@@ -249,6 +258,34 @@ impl Store {
             Some(row) => Ok(Some(read_entry(row)?)),
             None => Ok(None),
         }
+    }
+
+    /// What a peer's fetch of `path` is checked against, without decoding the
+    /// rest of the record: its kind, whether it is a tombstone, its hash and size.
+    pub fn served(&self, path: &str) -> Result<Option<Served>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, deleted, hash, size FROM files WHERE path = ?1")?;
+        let mut rows = stmt.query(params![path])?;
+        let Some(row) = rows.next()? else {
+            return Ok(None);
+        };
+        let kind = match row.get::<_, i64>(0)? {
+            0 => Kind::File,
+            1 => Kind::Dir,
+            2 => Kind::Symlink,
+            k => return Err(corrupt(path, format!("unknown kind {k}"))),
+        };
+        let hash: Vec<u8> = row.get(2)?;
+        let hash: [u8; 32] = hash
+            .try_into()
+            .map_err(|_| corrupt(path, "hash is not 32 bytes"))?;
+        Ok(Some(Served {
+            kind,
+            deleted: row.get::<_, i64>(1)? != 0,
+            hash: ContentHash(hash),
+            size: row.get::<_, i64>(3)? as u64,
+        }))
     }
 
     /// Every entry, tombstones included, in path order.
@@ -558,6 +595,26 @@ mod tests {
             },
             stat: None,
         }
+    }
+
+    #[test]
+    fn served_is_the_records_kind_tombstone_hash_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("index.db")).unwrap();
+        let mut gone = update("gone", "a");
+        gone.record.deleted = true;
+        gone.record.kind = Kind::Dir;
+        s.commit(&[update("f", "a"), gone], None).unwrap();
+        for path in ["f", "gone", "absent"] {
+            let want = s.get(path).unwrap().map(|e| Served {
+                kind: e.record.kind,
+                deleted: e.record.deleted,
+                hash: e.record.hash,
+                size: e.record.size,
+            });
+            assert_eq!(s.served(path).unwrap(), want, "{path}");
+        }
+        assert!(s.served("absent").unwrap().is_none());
     }
 
     #[test]
