@@ -117,6 +117,8 @@ impl Default for Quiet {
 
 /// How long the engine's own writes are remembered as such (see [`Written`]).
 const ECHO_MEMORY: Duration = Duration::from_secs(10);
+/// The most writes one generation of [`Written`] holds.
+const ECHO_MEMORY_MAX: usize = 200_000;
 
 impl Written {
     /// Moves on a generation when the current one is old enough; true if that
@@ -406,6 +408,10 @@ impl Engine {
         written: impl IntoIterator<Item = (String, Option<StatKey>)>,
     ) {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if w.recent.len() > ECHO_MEMORY_MAX {
+            // Bounded even if the tick that ages it falls behind.
+            w.older = std::mem::take(&mut w.recent);
+        }
         w.recent.extend(written);
     }
 
