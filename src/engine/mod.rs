@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, watch};
 use crate::events::{Event, EventKind};
 use crate::hash::ContentHash;
 use crate::ignore::IgnoreRules;
-use crate::index::changes::{detect, within};
+use crate::index::changes::{detect, within, Entries};
 use crate::index::scan::{self, NotObserved, ScanContext};
 use crate::index::{Entry, ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
 use crate::sync::record::Kind;
@@ -198,7 +198,7 @@ pub struct Engine {
 
 /// Looks up cached hashes in the index entries loaded for a scan.
 struct Ctx<'a> {
-    entries: &'a HashMap<String, Entry>,
+    entries: &'a Entries,
     ignore: &'a IgnoreRules,
     installing: &'a Mutex<HashMap<String, usize>>,
 }
@@ -634,23 +634,23 @@ impl Engine {
         // Many paths left after dropping our echoes: one walk of the tree is
         // cheaper than as many scoped look-ups.
         let scopes = scopes.filter(|list| list.len() <= FULL_SCAN_ABOVE);
-        let mut entries: HashMap<String, Entry> = HashMap::new();
-        let seq_read = {
+        let (entries, seq_read) = {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            let mut put = |e: Entry| {
-                entries.insert(e.record.path.clone(), e);
-            };
+            let mut list: Vec<Entry> = Vec::new();
             match &scopes {
-                None => store.each_entry(None, &mut put)?,
-                Some(list) if list.is_empty() => return Ok(0),
-                Some(list) => store.read(|store| {
-                    for s in list {
-                        store.each_entry(Some(s), &mut put)?;
+                None => {
+                    list.reserve_exact(store.count_entries()?);
+                    store.each_entry(None, &mut |e| list.push(e))?;
+                }
+                Some(list_of) if list_of.is_empty() => return Ok(0),
+                Some(list_of) => store.read(|store| {
+                    for s in list_of {
+                        store.each_entry(Some(s), &mut |e| list.push(e))?;
                     }
                     Ok(())
                 })?,
             };
-            store.max_seq()
+            (Entries::new(list), store.max_seq())
         };
         let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
         let ctx = Ctx {

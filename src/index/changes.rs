@@ -2,14 +2,54 @@
 //! (pure; no I/O). A difference becomes a new local version: this node's counter in
 //! the path's version vector goes up, and the store gives it a new sequence number.
 
-use std::collections::HashMap;
-
 use super::scan::Observed;
 use super::{Entry, StatKey, Update};
 use crate::hash::ContentHash;
 use crate::sync::record::{Kind, Record};
 use crate::sync::version::VersionVector;
 use crate::wire::Timestamp;
+
+/// The index entries a scan compares the disk with, sorted by path and looked up
+/// by binary search: a full scan holds one for every path of the tree, and a map
+/// would hold each path twice (as key and in the record) with room to spare.
+#[derive(Debug, Default)]
+pub struct Entries(Vec<Entry>);
+
+impl Entries {
+    /// The entries of `list`, in any order; of a path given twice, the first.
+    pub fn new(mut list: Vec<Entry>) -> Entries {
+        if !list.windows(2).all(|w| w[0].record.path < w[1].record.path) {
+            list.sort_by(|a, b| a.record.path.cmp(&b.record.path));
+            list.dedup_by(|later, first| later.record.path == first.record.path);
+        }
+        Entries(list)
+    }
+
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.0
+            .binary_search_by(|e| e.record.path.as_str().cmp(path))
+            .ok()
+            .map(|i| &self.0[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<Entry> for Entries {
+    fn from_iter<I: IntoIterator<Item = Entry>>(iter: I) -> Entries {
+        Entries::new(iter.into_iter().collect())
+    }
+}
 
 /// What a scan changed in the index.
 #[derive(Debug, Default)]
@@ -28,7 +68,7 @@ pub struct LocalChanges {
 /// installed by the engine).
 pub fn detect(
     node: &str,
-    index: &HashMap<String, Entry>,
+    index: &Entries,
     observed: &[Observed],
     in_scope: &dyn Fn(&str) -> bool,
     now: Timestamp,
@@ -73,8 +113,9 @@ pub fn detect(
             }
         }
     }
-    for (path, e) in index {
-        if e.record.deleted || seen.contains(path.as_str()) || !in_scope(path) || skip(path) {
+    for e in index.iter() {
+        let path = e.record.path.as_str();
+        if e.record.deleted || seen.contains(path) || !in_scope(path) || skip(path) {
             continue;
         }
         let mut version = e.record.version.clone();
@@ -161,18 +202,13 @@ mod tests {
         }
     }
 
-    fn index_of(changes: &LocalChanges) -> HashMap<String, Entry> {
+    fn index_of(changes: &LocalChanges) -> Entries {
         changes
             .updates
             .iter()
-            .map(|u| {
-                (
-                    u.record.path.clone(),
-                    Entry {
-                        record: u.record.clone(),
-                        stat: u.stat,
-                    },
-                )
+            .map(|u| Entry {
+                record: u.record.clone(),
+                stat: u.stat,
             })
             .collect()
     }
@@ -188,7 +224,7 @@ mod tests {
         let all = |_: &str| true;
         let first = detect(
             "a",
-            &HashMap::new(),
+            &Entries::default(),
             &[obs("x", b"1"), obs("y", b"2")],
             &all,
             NOW,
@@ -241,7 +277,7 @@ mod tests {
         let all = |_: &str| true;
         let index = index_of(&detect(
             "a",
-            &HashMap::new(),
+            &Entries::default(),
             &[obs("x", b"1")],
             &all,
             NOW,

@@ -384,9 +384,17 @@ impl Store {
         Ok(())
     }
 
+    /// How many entries the index holds, tombstones included.
+    pub fn count_entries(&self) -> Result<usize, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0))?;
+        Ok(n as usize)
+    }
+
     /// Hands every entry (`scope` `None`), or those of `scope` and below it, to
-    /// `f` one at a time, tombstones included: a full scan of a large tree builds
-    /// its map of the index without a second copy of it in a list.
+    /// `f` one at a time, tombstones included (a full scan of a large tree takes
+    /// them without a list growing by doubling in between).
     pub fn each_entry(
         &self,
         scope: Option<&str>,
