@@ -183,7 +183,7 @@ pub fn scan(
         }
     }
     let jobs = std::mem::take(&mut out.to_hash);
-    hash_all(jobs, &mut out);
+    hash_all(root, jobs, &mut out);
     out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
@@ -281,7 +281,6 @@ fn observe(
         // Hashed after the walk, on several threads when there is much to hash.
         None => out.to_hash.push(HashJob {
             rel,
-            abs,
             stat,
             mtime: meta.modified().ok(),
             modified,
@@ -294,8 +293,9 @@ fn observe(
 /// A file the cache could not prove unchanged.
 #[derive(Debug)]
 pub struct HashJob {
+    /// The path, relative to the root (the absolute one is made when it is
+    /// hashed: a start-up scan holds a job for every file of the tree).
     rel: String,
-    abs: PathBuf,
     stat: StatKey,
     mtime: Option<SystemTime>,
     modified: Timestamp,
@@ -306,10 +306,10 @@ pub struct HashJob {
 const PARALLEL_HASH_FROM: u64 = 4 << 20;
 
 /// Hashes every job into `out`: on up to 4 threads for large amounts.
-fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
+fn hash_all(root: &Path, jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     let bytes: u64 = jobs.iter().map(|j| j.stat.size).sum();
     if bytes < PARALLEL_HASH_FROM {
-        jobs.iter().for_each(|j| hash_one(j, out));
+        jobs.iter().for_each(|j| hash_one(root, j, out));
         return;
     }
     // Asked once: `available_parallelism` reads cgroup files on every call, and
@@ -318,7 +318,7 @@ fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let threads = cpus.min(4).min(jobs.len());
     if threads < 2 {
-        jobs.iter().for_each(|j| hash_one(j, out));
+        jobs.iter().for_each(|j| hash_one(root, j, out));
         return;
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -330,7 +330,7 @@ fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(job) = jobs.get(i) else { break };
-                        hash_one(job, &mut part);
+                        hash_one(root, job, &mut part);
                     }
                     part
                 })
@@ -341,7 +341,7 @@ fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     if parts.iter().any(|p| p.is_err()) {
         // Never return a partial result (missing files would read as deleted):
         // do it all again here.
-        jobs.iter().for_each(|j| hash_one(j, out));
+        jobs.iter().for_each(|j| hash_one(root, j, out));
         return;
     }
     for part in parts.into_iter().flatten() {
@@ -354,12 +354,13 @@ fn hash_all(jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     }
 }
 
-fn hash_one(job: &HashJob, out: &mut ScanOutcome) {
+fn hash_one(root: &Path, job: &HashJob, out: &mut ScanOutcome) {
     let (rel, stat) = (&job.rel, job.stat);
+    let abs = root.join(rel);
     let started = SystemTime::now();
     // Exactly the size that was stat'ed, so size and hash always describe the same
     // bytes, even if the file grows meanwhile.
-    let hash = match ContentHash::of_file_prefix(&job.abs, stat.size) {
+    let hash = match ContentHash::of_file_prefix(&abs, stat.size) {
         Ok(Some(h)) => h,
         Ok(None) => {
             out.unstable.push(rel.clone());
@@ -373,7 +374,7 @@ fn hash_one(job: &HashJob, out: &mut ScanOutcome) {
     };
     out.hashed_files += 1;
     out.hashed_bytes += stat.size;
-    let after = job.abs.symlink_metadata().ok().map(|m| StatKey::of(&m));
+    let after = abs.symlink_metadata().ok().map(|m| StatKey::of(&m));
     let racy = job
         .mtime
         .map(|m| {
