@@ -139,18 +139,28 @@ pub struct Served {
     pub size: u64,
 }
 
+/// The kind stored as `code` (see [`kind_code`]).
+fn kind_of(path: &str, code: i64) -> Result<Kind, StoreError> {
+    match code {
+        0 => Ok(Kind::File),
+        1 => Ok(Kind::Dir),
+        2 => Ok(Kind::Symlink),
+        k => Err(corrupt(path, format!("unknown kind {k}"))),
+    }
+}
+
+/// A stored content hash.
+fn hash_of(path: &str, blob: Vec<u8>) -> Result<ContentHash, StoreError> {
+    let hash: [u8; 32] = blob
+        .try_into()
+        .map_err(|_| corrupt(path, "hash is not 32 bytes"))?;
+    Ok(ContentHash(hash))
+}
+
 fn read_entry(row: &Row<'_>) -> Result<Entry, StoreError> {
     let path: String = row.get(0)?;
-    let kind = match row.get::<_, i64>(1)? {
-        0 => Kind::File,
-        1 => Kind::Dir,
-        2 => Kind::Symlink,
-        k => return Err(corrupt(&path, format!("unknown kind {k}"))),
-    };
-    let hash: Vec<u8> = row.get(6)?;
-    let hash: [u8; 32] = hash
-        .try_into()
-        .map_err(|_| corrupt(&path, "hash is not 32 bytes"))?;
+    let kind = kind_of(&path, row.get(1)?)?;
+    let hash = hash_of(&path, row.get(6)?)?;
     let version: Vec<u8> = row.get(8)?;
     let version: VersionVector = postcard::from_bytes(&version).map_err(|e| corrupt(&path, e))?;
     let stat = match row.get::<_, Option<i64>>(12)? {
@@ -171,7 +181,7 @@ fn read_entry(row: &Row<'_>) -> Result<Entry, StoreError> {
             nanos: row.get::<_, i64>(4)? as u32,
         },
         mode: row.get::<_, i64>(5)? as u32,
-        hash: ContentHash(hash),
+        hash,
         target: row.get(7)?,
         version,
         deleted: row.get::<_, i64>(9)? != 0,
@@ -270,40 +280,12 @@ impl Store {
         let Some(row) = rows.next()? else {
             return Ok(None);
         };
-        let kind = match row.get::<_, i64>(0)? {
-            0 => Kind::File,
-            1 => Kind::Dir,
-            2 => Kind::Symlink,
-            k => return Err(corrupt(path, format!("unknown kind {k}"))),
-        };
-        let hash: Vec<u8> = row.get(2)?;
-        let hash: [u8; 32] = hash
-            .try_into()
-            .map_err(|_| corrupt(path, "hash is not 32 bytes"))?;
         Ok(Some(Served {
-            kind,
+            kind: kind_of(path, row.get(0)?)?,
             deleted: row.get::<_, i64>(1)? != 0,
-            hash: ContentHash(hash),
+            hash: hash_of(path, row.get(2)?)?,
             size: row.get::<_, i64>(3)? as u64,
         }))
-    }
-
-    /// Every entry, tombstones included, in path order.
-    pub fn all(&self) -> Result<Vec<Entry>, StoreError> {
-        self.select(
-            &format!("SELECT {COLUMNS} FROM files ORDER BY path"),
-            params![],
-        )
-    }
-
-    /// The entry of `path` and of everything below it.
-    pub fn under(&self, path: &str) -> Result<Vec<Entry>, StoreError> {
-        // '/' + 1 == '0': the half-open range [path/, path0) holds exactly the
-        // descendants of `path` in byte order.
-        self.select(
-            &format!("SELECT {COLUMNS} FROM files WHERE path = ?1 OR (path >= ?2 AND path < ?3)"),
-            params![path, format!("{path}/"), format!("{path}0")],
-        )
     }
 
     /// Up to `limit` records after `seq` for `peer`, leaving out those above
@@ -402,6 +384,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         match scope {
             None => self.select_each(concat!("SELECT ", columns!(), " FROM files"), [], f),
+            // '/' + 1 == '0': the half-open range [path/, path0) holds exactly
+            // the descendants of `path` in byte order.
             Some(path) => self.select_each(
                 concat!(
                     "SELECT ",
