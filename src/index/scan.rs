@@ -117,7 +117,7 @@ pub fn scan(
     ctx: &impl ScanContext,
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = ScanOutcome::default();
-    if sub.is_none() {
+    if matches!(sub, None | Some("")) {
         // A whole tree: room at once for what the index holds and a few more,
         // rather than doubling up to it (a list twice the tree, at the end).
         out.entries
