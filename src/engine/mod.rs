@@ -24,7 +24,7 @@ pub mod transfer;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
@@ -44,6 +44,12 @@ const MARKER: &str = "folder-id";
 const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Blocking workers for small-file reads and writes (page-cache work, mostly).
 const SMALL_IO_WORKERS: usize = 2;
+/// The first scan of a new tree commits and announces its first part after this
+/// many files are hashed, and each next part after twice as many as the last, up
+/// to [`PART_FILES_MAX`] (or [`PART_BYTES`], whichever comes first).
+const FIRST_PART_FILES: usize = 256;
+const PART_FILES_MAX: usize = 8192;
+const PART_BYTES: u64 = 256 << 20;
 /// A scan naming more paths than this (after our own echoes are dropped) walks
 /// the whole tree instead.
 const FULL_SCAN_ABOVE: usize = 2000;
@@ -658,6 +664,10 @@ impl Engine {
             ignore: &ignore,
             installing: &self.installing,
         };
+        if scopes.is_none() && entries.is_empty() {
+            let walked = scan::walk(&self.root, None, &self.excluded, &ctx)?;
+            return self.index_new_tree(walked, &entries, seq_read, ignore);
+        }
         let mut observed = Vec::new();
         let mut missed = NotObserved::default();
         let roots: Vec<Option<&str>> = match &scopes {
@@ -673,20 +683,102 @@ impl Engine {
                 observed.extend(found);
             }
         }
+        self.after_walk_hook();
+        self.version_observed(
+            observed,
+            missed,
+            &entries,
+            seq_read,
+            scopes.as_deref(),
+            ignore,
+        )
+        .map(|(n, _)| n)
+    }
+
+    /// Runs the test hook set for the moment between a scan's walk and its commit.
+    fn after_walk_hook(&self) {
         #[cfg(test)]
-        if let Some(hook) = self
-            .after_walk
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
         {
-            hook();
+            // Taken out first: the hook may scan again.
+            let hook = self
+                .after_walk
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(hook) = hook {
+                hook();
+            }
         }
-        let in_scope = |p: &str| {
-            scopes
-                .as_ref()
-                .is_none_or(|list| list.iter().any(|s| within(p, s)))
-        };
+    }
+
+    /// The first scan of a tree the index knows nothing of (a new node on an
+    /// existing folder): everything found is new, so nothing can read as deleted
+    /// or renamed, and what is hashed is committed and announced part by part.
+    /// Peers start fetching after the walk and the first part, not after the whole
+    /// tree is hashed (hours, for a large photo library).
+    fn index_new_tree(
+        &self,
+        mut walked: scan::ScanOutcome,
+        entries: &Entries,
+        mut seq_read: u64,
+        ignore: RwLockReadGuard<'_, IgnoreRules>,
+    ) -> Result<usize, EngineError> {
+        self.after_walk_hook();
+        // Re-read for each part: nothing here can be taken as deleted, so rules
+        // changed meanwhile only decide what is versioned.
+        let mut ignore = Some(ignore);
+        let mut jobs = std::mem::take(&mut walked.to_hash).into_iter().peekable();
+        // The walk's own entries (directories, links) go with the first part.
+        let mut part = walked;
+        let mut files = FIRST_PART_FILES;
+        let mut changed = 0;
+        loop {
+            let mut take = Vec::new();
+            let mut bytes = 0;
+            while take.len() < files && bytes < PART_BYTES {
+                let Some(job) = jobs.next() else { break };
+                bytes += job.size();
+                take.push(job);
+            }
+            let hashed = scan::hash(&self.root, take);
+            part.entries.extend(hashed.entries);
+            part.warnings.extend(hashed.warnings);
+            part.unstable.extend(hashed.unstable);
+            part.unreadable.extend(hashed.unreadable);
+            // In path order, as every scan's: a directory's record comes before
+            // what is in it.
+            part.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+            let mut missed = NotObserved::default();
+            let observed = part.entries_logged(&self.name, &mut missed);
+            let rules = ignore
+                .take()
+                .unwrap_or_else(|| self.ignore.read().unwrap_or_else(|p| p.into_inner()));
+            let (n, seq) =
+                self.version_observed(observed, missed, entries, seq_read, None, rules)?;
+            changed += n;
+            seq_read = seq;
+            if jobs.peek().is_none() {
+                return Ok(changed);
+            }
+            part = scan::ScanOutcome::default();
+            files = (files * 2).min(PART_FILES_MAX);
+        }
+    }
+
+    /// Versions what a scan observed against the index `entries` it was compared
+    /// with (read when the index's highest sequence was `seq_read`) and commits the
+    /// changes. Returns how many there were and the sequence to compare a further
+    /// part of the same scan with.
+    fn version_observed(
+        &self,
+        observed: Vec<scan::Observed>,
+        missed: NotObserved,
+        entries: &Entries,
+        seq_read: u64,
+        scopes: Option<&[&str]>,
+        ignore: RwLockReadGuard<'_, IgnoreRules>,
+    ) -> Result<(usize, u64), EngineError> {
+        let in_scope = |p: &str| scopes.is_none_or(|list| list.iter().any(|s| within(p, s)));
         let installing: HashSet<String> = self
             .installing
             .lock()
@@ -735,8 +827,9 @@ impl Engine {
             .map(|o| o.path.clone())
             .collect::<Vec<_>>();
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let mut changes = detect(&self.name, &entries, &observed, &in_scope, now, &skip);
+        let mut changes = detect(&self.name, entries, &observed, &in_scope, now, &skip);
         drop(not_observed);
+        // Not held while waiting for the store (rules reload under their own lock).
         drop(ignore);
         claimed.extend(deferred);
         self.recheck_after_install(claimed);
@@ -751,7 +844,8 @@ impl Engine {
         // record takes a new sequence number: if the highest is the one seen when
         // the entries were read, no entry moved on (and no path needs a look-up).
         let mut raced = Vec::new();
-        if store.max_seq() != seq_read {
+        let moved_on = store.max_seq() != seq_read;
+        if moved_on {
             changes.updates.retain(|u| {
                 let before = entries.get(&u.record.path).map(|e| e.record.seq);
                 let now = store
@@ -781,9 +875,12 @@ impl Engine {
             store.refresh_stat(path, stat)?;
         }
         if changes.updates.is_empty() {
-            return Ok(0);
+            return Ok((0, seq_read));
         }
         let max = store.commit(&changes.updates, None)?;
+        // Only our own commit moved the index on: a further part compares with it.
+        // Otherwise the next part checks its paths against the index again.
+        let seq_next = if moved_on { seq_read } else { max };
         for u in changes.updates.iter().take(20) {
             tracing::debug!(
                 "{}: indexed {} at {} ({} bytes{}{})",
@@ -815,7 +912,7 @@ impl Engine {
         };
         self.emit(Event::new(&self.name, EventKind::LocalChanges).detail(summary));
         self.seq.send_replace(max);
-        Ok(n)
+        Ok((n, seq_next))
     }
 }
 
@@ -956,6 +1053,64 @@ mod tests {
         assert!(engine.after_walk.lock().unwrap().is_none(), "hook ran");
         let record = indexed(&engine, "f.txt").await.unwrap();
         assert!(!record.deleted, "taken as deleted: {record:?}");
+    }
+
+    /// The first scan of a tree the index knows nothing of is committed in
+    /// growing parts (peers fetch from the first on), and versions every path
+    /// once, even when another scan indexes the same tree meanwhile.
+    #[tokio::test]
+    async fn a_new_tree_is_indexed_in_parts_each_path_versioned_once() {
+        let (_dir, root, engine) = fresh_engine();
+        for d in 0..10 {
+            std::fs::create_dir(root.join(format!("d{d}"))).unwrap();
+            for f in 0..100 {
+                std::fs::write(root.join(format!("d{d}/f{f}.txt")), format!("{d}/{f}")).unwrap();
+            }
+        }
+        let mut events = engine.events();
+        let mut seq = engine.seq();
+        assert_eq!(engine.scan(None).await.unwrap(), 1010);
+        let mut parts = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            if matches!(e.event, EventKind::LocalChanges) {
+                parts.push(e.detail.clone().unwrap_or_default());
+            }
+        }
+        // The walk's 10 directories with the first 256 files, then 512, then the rest.
+        assert_eq!(
+            parts,
+            [
+                "266 local changes",
+                "512 local changes",
+                "232 local changes"
+            ]
+        );
+        assert_eq!(*seq.borrow_and_update(), 1010);
+        for d in 0..10 {
+            let r = indexed(&engine, &format!("d{d}/f99.txt")).await.unwrap();
+            assert_eq!((r.version.get("a"), r.deleted), (1, false));
+        }
+        assert_eq!(
+            engine.scan(None).await.unwrap(),
+            0,
+            "a second scan finds nothing"
+        );
+
+        // Another scan of the same new tree commits between the walk and the
+        // parts: nothing is versioned twice.
+        let (_dir, root, engine) = fresh_engine();
+        for f in 0..600 {
+            std::fs::write(root.join(format!("f{f}.txt")), format!("{f}")).unwrap();
+        }
+        let other = engine.clone();
+        *engine.after_walk.lock().unwrap() = Some(Box::new(move || {
+            assert_eq!(other.scan_blocking(None).unwrap(), 600);
+        }));
+        engine.scan(None).await.unwrap();
+        assert!(engine.after_walk.lock().unwrap().is_none(), "hook ran");
+        assert_eq!(*engine.seq().borrow(), 600, "one version per path");
+        let r = indexed(&engine, "f599.txt").await.unwrap();
+        assert_eq!(r.version.get("a"), 1);
     }
 
     /// What exists but cannot be read (a folder or a file without permission) is

@@ -109,8 +109,24 @@ pub trait ScanContext {
 }
 
 /// Walks `root` (or only the subtree `sub` of it, if given), never entering the
-/// directories whose (dev, inode) is in `excluded`.
+/// directories whose (dev, inode) is in `excluded`, and hashes what the cache
+/// cannot prove unchanged.
 pub fn scan(
+    root: &Path,
+    sub: Option<&str>,
+    excluded: &[(u64, u64)],
+    ctx: &impl ScanContext,
+) -> Result<ScanOutcome, ScanError> {
+    let mut out = walk(root, sub, excluded, ctx)?;
+    let jobs = std::mem::take(&mut out.to_hash);
+    hash_all(root, jobs, &mut out);
+    out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// The walk of [`scan`] alone: what it observed (unsorted), with the files that
+/// still need hashing left in [`ScanOutcome::to_hash`], for [`hash`].
+pub fn walk(
     root: &Path,
     sub: Option<&str>,
     excluded: &[(u64, u64)],
@@ -182,10 +198,15 @@ pub fn scan(
             }
         }
     }
-    let jobs = std::mem::take(&mut out.to_hash);
+    Ok(out)
+}
+
+/// Hashes files a [`walk`] left to hash; the entries come out sorted by path.
+pub fn hash(root: &Path, jobs: Vec<HashJob>) -> ScanOutcome {
+    let mut out = ScanOutcome::default();
     hash_all(root, jobs, &mut out);
     out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    out
 }
 
 /// Observes one path; returns it as a directory to walk if it is one.
@@ -300,6 +321,13 @@ pub struct HashJob {
     mtime: Option<SystemTime>,
     modified: Timestamp,
     mode: u32,
+}
+
+impl HashJob {
+    /// The size stat'ed, which is what will be hashed.
+    pub fn size(&self) -> u64 {
+        self.stat.size
+    }
 }
 
 /// Below this many bytes to hash, one thread does it (threads cost more).

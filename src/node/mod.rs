@@ -119,6 +119,9 @@ pub(crate) struct Shared {
     peer_status: Mutex<BTreeMap<String, peers::PeerStatus>>,
     engine: Arc<Engine>,
     shutdown: watch::Receiver<bool>,
+    /// True once the start-up scan has versioned what changed while the node was
+    /// down: nothing is taken from a peer before that.
+    scanned: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -234,11 +237,6 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })?;
     let engine = Engine::open(&config.name, &config.dir, &config.state_dir)?;
     let watching = local::start_watching(&config.name, &config.dir, config.watch);
-    // What changed while the node was down is versioned before any peer is asked.
-    let changed = engine.scan(None).await?;
-    if changed > 0 {
-        tracing::info!("{}: {changed} changes since the last run", config.name);
-    }
     let (stop, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared {
         endpoint,
@@ -253,11 +251,22 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         ),
         engine,
         shutdown,
+        scanned: watch::Sender::new(false),
         config,
     });
     let span = tracing::info_span!("node", name = %shared.name());
+    // Dropped on an early return: the accept loop is aborted with it.
     let mut tasks = JoinSet::new();
+    // Peers and clients are served during the start-up scan (a new tree's index
+    // grows part by part as it is hashed), but what changed while the node was
+    // down is versioned before anything is taken from a peer (`scanned`), and
+    // before this node dials anyone.
     tasks.spawn(serve::accept_loop(shared.clone()).instrument(span.clone()));
+    let changed = shared.engine.scan(None).await?;
+    if changed > 0 {
+        tracing::info!("{}: {changed} changes since the last run", shared.name());
+    }
+    shared.scanned.send_replace(true);
     tasks.spawn(local::watch_loop(shared.clone(), watching).instrument(span.clone()));
     tasks.spawn(local::lock_loop(shared.clone()).instrument(span.clone()));
     for peer in shared.config.peers.clone() {

@@ -371,6 +371,12 @@ pub(crate) async fn pull_from(shared: Arc<Shared>, peer: String, conn: Connectio
     if shared.config.send_only {
         return;
     }
+    let mut scanned = shared.scanned.subscribe();
+    tokio::select! {
+        _ = shared.cancelled() => return,
+        _ = conn.closed() => return,
+        _ = scanned.wait_for(|done| *done) => {}
+    }
     if let Err(e) =
         crate::engine::session::pull(shared.engine.clone(), peer.clone(), conn.clone()).await
     {
