@@ -58,6 +58,13 @@ impl Bench {
     }
 }
 
+/// A loopback address with a UDP port that was free a moment ago.
+fn free_local_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free loopback port")
+}
+
 async fn wait_connected(a: &NodeHandle, b: &NodeHandle) {
     while a.connected_peers().is_empty() || b.connected_peers().is_empty() {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -83,12 +90,22 @@ async fn wait_caught_up(
     let deadline = Instant::now() + limit;
     let mut installed = 0u64;
     let mut last_check = Instant::now();
+    // Events are read here only once both nodes have started, so their times come
+    // from the events themselves (milliseconds), relative to `since`.
+    let started =
+        chrono::Utc::now() - chrono::Duration::from_std(since.elapsed()).expect("a short duration");
+    let at = |e: &dirsync::events::Event| {
+        chrono::DateTime::parse_from_rfc3339(&e.time)
+            .ok()
+            .and_then(|t| (t.with_timezone(&chrono::Utc) - started).to_std().ok())
+            .unwrap_or_else(|| since.elapsed())
+    };
     while Instant::now() < deadline {
         let check = match tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
             Ok(Ok(e)) => {
                 if matches!(e.event, EventKind::Received | EventKind::CopiedLocally) {
                     installed += 1;
-                    last = since.elapsed();
+                    last = at(&e);
                     first.get_or_insert(last);
                 }
                 installed >= want.0 || last_check.elapsed() > Duration::from_millis(500)
@@ -369,17 +386,30 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
     reset_peak_rss();
     let rss_before = status_kib("VmRSS");
     let cpu = cpu_seconds();
+    // Both nodes start at once, as two machines would; b is given a's address (a
+    // port found free just before). a serves its index while it hashes its tree.
+    let mut a_config = bench.config("a", &da, &[]);
+    a_config.listen = free_local_addr();
+    let mut b_config = bench.config("b", &db, &[]);
+    b_config.peers = vec![a_config.listen.to_string()];
     let t = Instant::now();
-    let a = node::start(bench.config("a", &da, &[])).await.expect("a");
-    let indexed = t.elapsed();
-
-    let b_config = bench.config("b", &db, &[&a]);
-    let b = node::start(b_config.clone()).await.expect("b");
-    let ok = wait_caught_up(&a, &b, b.events(), Duration::from_secs(600), t).await;
+    let ((a, indexed), (b, b_events)) = tokio::join!(
+        async {
+            let a = node::start(a_config).await.expect("a");
+            (a, t.elapsed())
+        },
+        async {
+            // Listened to at once: b starts fetching while a is still starting.
+            let b = node::start(b_config.clone()).await.expect("b");
+            let events = b.events();
+            (b, events)
+        }
+    );
+    let ok = wait_caught_up(&a, &b, b_events, Duration::from_secs(600), t).await;
     let ours = t.elapsed();
     let cpu = cpu_seconds() - cpu;
     println!(
-        "  (a indexed its tree in {:.3} s; b caught up {:.3} s later)",
+        "  (a's start-up scan ended at {:.3} s; b caught up {:.3} s later)",
         indexed.as_secs_f64(),
         (ours - indexed).as_secs_f64()
     );
