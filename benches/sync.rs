@@ -71,56 +71,59 @@ async fn wait_connected(a: &NodeHandle, b: &NodeHandle) {
     }
 }
 
-/// Waits until `b` indexes as many files and bytes as `a`. Counting is a scan of
-/// b's index (it holds b's store while it runs, a few ms for 10,000 files), so it
-/// is done only once b has reported as many installed files as `a` has, when
-/// events were lost, or every 500 ms as a fallback: the measuring must not slow
-/// down what it measures.
+/// Waits until `b` indexes as many files and bytes as `want` (a's totals, sent
+/// once a has started). Counting is a scan of b's index (it holds b's store
+/// while it runs, a few ms for 10,000 files), so it is done only once b has
+/// reported as many installed files as `a` has, when events were lost, or every
+/// 500 ms as a fallback: the measuring must not slow down what it measures.
 async fn wait_caught_up(
-    a: &NodeHandle,
     b: &NodeHandle,
     mut events: tokio::sync::broadcast::Receiver<dirsync::events::Event>,
+    mut want: tokio::sync::watch::Receiver<Option<(u64, u64)>>,
     limit: Duration,
     since: Instant,
 ) -> bool {
     use tokio::sync::broadcast::error::RecvError;
     let mut first: Option<Duration> = None;
     let mut last = Duration::ZERO;
-    let want = a.engine().totals().await.expect("totals");
     let deadline = Instant::now() + limit;
     let mut installed = 0u64;
+    let mut lost = false;
     let mut last_check = Instant::now();
-    // Events are read here only once both nodes have started, so their times come
-    // from the events themselves (milliseconds), relative to `since`.
-    let started =
-        chrono::Utc::now() - chrono::Duration::from_std(since.elapsed()).expect("a short duration");
-    let at = |e: &dirsync::events::Event| {
-        chrono::DateTime::parse_from_rfc3339(&e.time)
-            .ok()
-            .and_then(|t| (t.with_timezone(&chrono::Utc) - started).to_std().ok())
-            .unwrap_or_else(|| since.elapsed())
-    };
     while Instant::now() < deadline {
-        let check = match tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
-            Ok(Ok(e)) => {
-                if matches!(e.event, EventKind::Received | EventKind::CopiedLocally) {
-                    installed += 1;
-                    last = at(&e);
-                    first.get_or_insert(last);
+        let target = *want.borrow();
+        let check = tokio::select! {
+            r = tokio::time::timeout(Duration::from_millis(500), events.recv()) => match r {
+                Ok(Ok(e)) => {
+                    if matches!(e.event, EventKind::Received | EventKind::CopiedLocally) {
+                        installed += 1;
+                        last = since.elapsed();
+                        first.get_or_insert(last);
+                    }
+                    target.is_some_and(|w| installed >= w.0)
+                        || last_check.elapsed() > Duration::from_millis(500)
                 }
-                installed >= want.0 || last_check.elapsed() > Duration::from_millis(500)
-            }
-            Ok(Err(RecvError::Lagged(_))) | Err(_) => true,
-            Ok(Err(RecvError::Closed)) => return false,
+                Ok(Err(RecvError::Lagged(_))) => {
+                    lost = true;
+                    true
+                }
+                Err(_) => true,
+                Ok(Err(RecvError::Closed)) => return false,
+            },
+            _ = want.changed(), if target.is_none() => true,
+        };
+        let Some(target) = *want.borrow() else {
+            continue;
         };
         if check {
-            if b.engine().totals().await.expect("totals") == want {
+            if b.engine().totals().await.expect("totals") == target {
                 if let Some(first) = first {
                     println!(
-                        "  (first file installed on b at {:.3} s, last at {:.3} s, index equal at {:.3} s)",
+                        "  (first file installed on b at {:.3} s, last at {:.3} s, index equal at {:.3} s{})",
                         first.as_secs_f64(),
                         last.as_secs_f64(),
-                        since.elapsed().as_secs_f64()
+                        since.elapsed().as_secs_f64(),
+                        if lost { "; some events were lost" } else { "" }
                     );
                 }
                 return true;
@@ -245,7 +248,8 @@ async fn delta(bench: &Bench) {
     let a = node::start(bench.config("a", &da, &[])).await.expect("a");
     let b = node::start(bench.config("b", &db, &[&a])).await.expect("b");
     let t = Instant::now();
-    wait_caught_up(&a, &b, b.events(), Duration::from_secs(600), t).await;
+    let (_, want) = tokio::sync::watch::channel(Some(a.engine().totals().await.expect("totals")));
+    wait_caught_up(&b, b.events(), want, Duration::from_secs(600), t).await;
     println!(
         "delta: one 256 MiB file, synced whole in {:.3} s; then changed",
         t.elapsed().as_secs_f64()
@@ -393,19 +397,22 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
     let mut b_config = bench.config("b", &db, &[]);
     b_config.peers = vec![a_config.listen.to_string()];
     let t = Instant::now();
-    let ((a, indexed), (b, b_events)) = tokio::join!(
+    let (want_tx, want) = tokio::sync::watch::channel(None);
+    let ((a, indexed), (b, ok)) = tokio::join!(
         async {
             let a = node::start(a_config).await.expect("a");
-            (a, t.elapsed())
+            let indexed = t.elapsed();
+            want_tx.send_replace(Some(a.engine().totals().await.expect("totals")));
+            (a, indexed)
         },
         async {
             // Listened to at once: b starts fetching while a is still starting.
             let b = node::start(b_config.clone()).await.expect("b");
             let events = b.events();
-            (b, events)
+            let ok = wait_caught_up(&b, events, want, Duration::from_secs(600), t).await;
+            (b, ok)
         }
     );
-    let ok = wait_caught_up(&a, &b, b_events, Duration::from_secs(600), t).await;
     let ours = t.elapsed();
     let cpu = cpu_seconds() - cpu;
     println!(

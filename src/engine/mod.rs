@@ -24,7 +24,7 @@ pub mod transfer;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
@@ -44,9 +44,10 @@ const MARKER: &str = "folder-id";
 const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Blocking workers for small-file reads and writes (page-cache work, mostly).
 const SMALL_IO_WORKERS: usize = 2;
-/// The first scan of a new tree commits and announces its first part after this
-/// many files are hashed, and each next part after twice as many as the last, up
-/// to [`PART_FILES_MAX`] (or [`PART_BYTES`], whichever comes first).
+/// The first scan of a new tree commits and announces a part once the walk has
+/// found this many entries (at the end of a directory), each next part once it
+/// has found twice as many as for the last, up to [`PART_FILES_MAX`], or sooner
+/// when the files to hash add up to [`PART_BYTES`].
 const FIRST_PART_FILES: usize = 256;
 const PART_FILES_MAX: usize = 8192;
 const PART_BYTES: u64 = 256 << 20;
@@ -665,8 +666,7 @@ impl Engine {
             installing: &self.installing,
         };
         if scopes.is_none() && entries.is_empty() {
-            let walked = scan::walk(&self.root, None, &self.excluded, &ctx)?;
-            return self.index_new_tree(walked, &entries, seq_read, ignore);
+            return self.index_new_tree(&entries, seq_read, &ctx, &ignore);
         }
         let mut observed = Vec::new();
         let mut missed = NotObserved::default();
@@ -690,7 +690,7 @@ impl Engine {
             &entries,
             seq_read,
             scopes.as_deref(),
-            ignore,
+            &ignore,
         )
         .map(|(n, _)| n)
     }
@@ -713,56 +713,72 @@ impl Engine {
 
     /// The first scan of a tree the index knows nothing of (a new node on an
     /// existing folder): everything found is new, so nothing can read as deleted
-    /// or renamed, and what is hashed is committed and announced part by part.
-    /// Peers start fetching after the walk and the first part, not after the whole
-    /// tree is hashed (hours, for a large photo library).
+    /// or renamed, and what the walk finds is hashed, committed and announced part
+    /// by part while it goes on. Peers start fetching after the first part, not
+    /// after the whole tree is walked and hashed (hours, for a photo library).
     fn index_new_tree(
         &self,
-        mut walked: scan::ScanOutcome,
         entries: &Entries,
-        mut seq_read: u64,
-        ignore: RwLockReadGuard<'_, IgnoreRules>,
+        seq_read: u64,
+        ctx: &Ctx<'_>,
+        ignore: &IgnoreRules,
     ) -> Result<usize, EngineError> {
-        self.after_walk_hook();
-        // Re-read for each part: nothing here can be taken as deleted, so rules
-        // changed meanwhile only decide what is versioned.
-        let mut ignore = Some(ignore);
-        let mut jobs = std::mem::take(&mut walked.to_hash).into_iter().peekable();
-        // The walk's own entries (directories, links) go with the first part.
-        let mut part = walked;
-        let mut files = FIRST_PART_FILES;
-        let mut changed = 0;
-        loop {
-            let mut take = Vec::new();
-            let mut bytes = 0;
-            while take.len() < files && bytes < PART_BYTES {
-                let Some(job) = jobs.next() else { break };
-                bytes += job.size();
-                take.push(job);
+        let mut parts = Parts {
+            seq_read,
+            files: FIRST_PART_FILES,
+            changed: 0,
+            failed: None,
+            first: true,
+        };
+        let mut flush = |found: &mut scan::ScanOutcome| {
+            if found.to_hash.len() + found.entries.len() < parts.files
+                && found.to_hash_bytes < PART_BYTES
+            {
+                return true;
             }
-            let hashed = scan::hash(&self.root, take);
-            part.entries.extend(hashed.entries);
-            part.warnings.extend(hashed.warnings);
-            part.unstable.extend(hashed.unstable);
-            part.unreadable.extend(hashed.unreadable);
-            // In path order, as every scan's: a directory's record comes before
-            // what is in it.
-            part.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-            let mut missed = NotObserved::default();
-            let observed = part.entries_logged(&self.name, &mut missed);
-            let rules = ignore
-                .take()
-                .unwrap_or_else(|| self.ignore.read().unwrap_or_else(|p| p.into_inner()));
-            let (n, seq) =
-                self.version_observed(observed, missed, entries, seq_read, None, rules)?;
-            changed += n;
-            seq_read = seq;
-            if jobs.peek().is_none() {
-                return Ok(changed);
+            let part = std::mem::take(found);
+            match self.commit_part(part, entries, &mut parts, ignore) {
+                Ok(()) => true,
+                Err(e) => {
+                    parts.failed = Some(e);
+                    false
+                }
             }
-            part = scan::ScanOutcome::default();
-            files = (files * 2).min(PART_FILES_MAX);
+        };
+        let rest = scan::walk(&self.root, None, &self.excluded, ctx, Some(&mut flush))?;
+        if let Some(e) = parts.failed.take() {
+            return Err(e);
         }
+        self.commit_part(rest, entries, &mut parts, ignore)?;
+        Ok(parts.changed)
+    }
+
+    /// Hashes, versions and commits one part of a new tree's first scan.
+    fn commit_part(
+        &self,
+        mut part: scan::ScanOutcome,
+        entries: &Entries,
+        parts: &mut Parts,
+        ignore: &IgnoreRules,
+    ) -> Result<(), EngineError> {
+        if std::mem::take(&mut parts.first) {
+            self.after_walk_hook();
+        }
+        let hashed = scan::hash(&self.root, std::mem::take(&mut part.to_hash));
+        part.entries.extend(hashed.entries);
+        part.warnings.extend(hashed.warnings);
+        part.unstable.extend(hashed.unstable);
+        part.unreadable.extend(hashed.unreadable);
+        // In path order, as every scan's.
+        part.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        let mut missed = NotObserved::default();
+        let observed = part.entries_logged(&self.name, &mut missed);
+        let (n, seq) =
+            self.version_observed(observed, missed, entries, parts.seq_read, None, ignore)?;
+        parts.changed += n;
+        parts.seq_read = seq;
+        parts.files = (parts.files * 2).min(PART_FILES_MAX);
+        Ok(())
     }
 
     /// Versions what a scan observed against the index `entries` it was compared
@@ -776,7 +792,7 @@ impl Engine {
         entries: &Entries,
         seq_read: u64,
         scopes: Option<&[&str]>,
-        ignore: RwLockReadGuard<'_, IgnoreRules>,
+        ignore: &IgnoreRules,
     ) -> Result<(usize, u64), EngineError> {
         let in_scope = |p: &str| scopes.is_none_or(|list| list.iter().any(|s| within(p, s)));
         let installing: HashSet<String> = self
@@ -829,8 +845,6 @@ impl Engine {
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
         let mut changes = detect(&self.name, entries, &observed, &in_scope, now, &skip);
         drop(not_observed);
-        // Not held while waiting for the store (rules reload under their own lock).
-        drop(ignore);
         claimed.extend(deferred);
         self.recheck_after_install(claimed);
         if !unstable.is_empty() {
@@ -914,6 +928,20 @@ impl Engine {
         self.seq.send_replace(max);
         Ok((n, seq_next))
     }
+}
+
+/// Where the first scan of a new tree is, between its parts.
+struct Parts {
+    /// The index's highest sequence the next part is compared with.
+    seq_read: u64,
+    /// The next part's size, in entries.
+    files: usize,
+    /// New versions so far.
+    changed: usize,
+    /// Why the walk was stopped.
+    failed: Option<EngineError>,
+    /// No part committed yet.
+    first: bool,
 }
 
 /// What [`Engine::claim`] got: the guard, and the paths that were busy (not
@@ -1076,13 +1104,15 @@ mod tests {
                 parts.push(e.detail.clone().unwrap_or_default());
             }
         }
-        // The walk's 10 directories with the first 256 files, then 512, then the rest.
+        // A part closes at the end of a directory: the root's 10 directories and
+        // three directories of files (256 entries or more), then six (512 or
+        // more), then the last one.
         assert_eq!(
             parts,
             [
-                "266 local changes",
-                "512 local changes",
-                "232 local changes"
+                "310 local changes",
+                "600 local changes",
+                "100 local changes"
             ]
         );
         assert_eq!(*seq.borrow_and_update(), 1010);

@@ -60,6 +60,8 @@ pub struct ScanOutcome {
     pub unreadable: Vec<String>,
     /// Files found by the walk that still need hashing (empty once `scan` returns).
     pub to_hash: Vec<HashJob>,
+    /// Their sizes, added up.
+    pub to_hash_bytes: u64,
 }
 
 impl ScanOutcome {
@@ -117,12 +119,17 @@ pub fn scan(
     excluded: &[(u64, u64)],
     ctx: &impl ScanContext,
 ) -> Result<ScanOutcome, ScanError> {
-    let mut out = walk(root, sub, excluded, ctx)?;
+    let mut out = walk(root, sub, excluded, ctx, None)?;
     let jobs = std::mem::take(&mut out.to_hash);
     hash_all(root, jobs, &mut out);
     out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
+
+/// Called by [`walk`] after each directory it has read, with what it found so
+/// far (directories before what is in them): it may take any of it, to hash and
+/// commit as a part. Returns false to stop the walk.
+pub type Flush<'a> = &'a mut dyn FnMut(&mut ScanOutcome) -> bool;
 
 /// The walk of [`scan`] alone: what it observed (unsorted), with the files that
 /// still need hashing left in [`ScanOutcome::to_hash`], for [`hash`].
@@ -131,6 +138,7 @@ pub fn walk(
     sub: Option<&str>,
     excluded: &[(u64, u64)],
     ctx: &impl ScanContext,
+    mut flush: Option<Flush<'_>>,
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = ScanOutcome::default();
     if matches!(sub, None | Some("")) {
@@ -195,6 +203,11 @@ pub fn walk(
             };
             if let Some(dir) = observe(root, child, excluded, ctx, &mut out) {
                 stack.push(dir);
+            }
+        }
+        if let Some(flush) = flush.as_mut() {
+            if !flush(&mut out) {
+                break;
             }
         }
     }
@@ -300,13 +313,16 @@ fn observe(
             stat: Some(stat),
         }),
         // Hashed after the walk, on several threads when there is much to hash.
-        None => out.to_hash.push(HashJob {
-            rel,
-            stat,
-            mtime: meta.modified().ok(),
-            modified,
-            mode,
-        }),
+        None => {
+            out.to_hash_bytes += stat.size;
+            out.to_hash.push(HashJob {
+                rel,
+                stat,
+                mtime: meta.modified().ok(),
+                modified,
+                mode,
+            })
+        }
     }
     None
 }
