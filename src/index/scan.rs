@@ -339,13 +339,6 @@ pub struct HashJob {
     mode: u32,
 }
 
-impl HashJob {
-    /// The size stat'ed, which is what will be hashed.
-    pub fn size(&self) -> u64 {
-        self.stat.size
-    }
-}
-
 /// Below this many bytes to hash, one thread does it (threads cost more).
 const PARALLEL_HASH_FROM: u64 = 4 << 20;
 
