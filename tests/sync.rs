@@ -585,3 +585,43 @@ fn written_since(dir: &std::path::Path, seq: u64) -> Vec<String> {
     });
     rows.unwrap_or_else(|e| vec![format!("(cannot read {}: {e})", db.display())])
 }
+
+/// A node starting on a tree its index knows nothing of serves it while its
+/// start-up scan still runs: the files at the top of the tree are committed as
+/// a first part and fetched by a peer before the scan has hashed a large file
+/// further down (the walk reads a directory's own entries before the
+/// directories in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tree_is_served_while_its_first_scan_runs() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    for i in 0..300 {
+        write(&da, &format!("f{i:03}.txt"), format!("top {i}").as_bytes());
+    }
+    // Sparse: 2 GiB to hash (0.4 s or more on one thread), little disk used.
+    std::fs::create_dir(da.join("deep")).unwrap();
+    let big = std::fs::File::create(da.join("deep/big.bin")).unwrap();
+    big.set_len(2 << 30).unwrap();
+    drop(big);
+    let mut a_config = env.config("a", &[]);
+    a_config.listen = free_port();
+    let a_addr = a_config.listen;
+    let a_start = tokio::spawn(dirsync::node::start(a_config));
+    let b = env.start("b", &[a_addr]).await;
+    wait_until("b has a's top files", T, || {
+        (0..300).all(|i| db.join(format!("f{i:03}.txt")).is_file())
+    })
+    .await;
+    assert!(
+        !a_start.is_finished(),
+        "a's start-up scan ended before b had the files it committed first"
+    );
+    assert_eq!(
+        std::fs::read(db.join("f299.txt")).unwrap(),
+        b"top 299".to_vec()
+    );
+    // b is stopped before it fetches the large file.
+    b.shutdown().await;
+    let a = a_start.await.unwrap().expect("a starts");
+    a.shutdown().await;
+}
