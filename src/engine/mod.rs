@@ -764,13 +764,7 @@ impl Engine {
         if std::mem::take(&mut parts.first) {
             self.after_walk_hook();
         }
-        let hashed = scan::hash(&self.root, std::mem::take(&mut part.to_hash));
-        part.entries.extend(hashed.entries);
-        part.warnings.extend(hashed.warnings);
-        part.unstable.extend(hashed.unstable);
-        part.unreadable.extend(hashed.unreadable);
-        // In path order, as every scan's.
-        part.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        part.hash_found(&self.root);
         let mut missed = NotObserved::default();
         let observed = part.entries_logged(&self.name, &mut missed);
         let (n, seq) =

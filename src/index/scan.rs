@@ -77,6 +77,15 @@ impl ScanOutcome {
         self.entries
     }
 
+    /// Hashes the files a [`walk`] left in `to_hash` into the entries, and sorts
+    /// the entries by path.
+    pub fn hash_found(&mut self, root: &Path) {
+        let jobs = std::mem::take(&mut self.to_hash);
+        self.to_hash_bytes = 0;
+        hash_all(root, jobs, self);
+        self.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    }
+
     /// Records that `rel` exists but could not be read, and why.
     fn unreadable(&mut self, rel: &str, why: String) {
         self.warnings.push(why);
@@ -120,9 +129,7 @@ pub fn scan(
     ctx: &impl ScanContext,
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = walk(root, sub, excluded, ctx, None)?;
-    let jobs = std::mem::take(&mut out.to_hash);
-    hash_all(root, jobs, &mut out);
-    out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    out.hash_found(root);
     Ok(out)
 }
 
@@ -132,7 +139,8 @@ pub fn scan(
 pub type Flush<'a> = &'a mut dyn FnMut(&mut ScanOutcome) -> bool;
 
 /// The walk of [`scan`] alone: what it observed (unsorted), with the files that
-/// still need hashing left in [`ScanOutcome::to_hash`], for [`hash`].
+/// still need hashing left in [`ScanOutcome::to_hash`], for
+/// [`ScanOutcome::hash_found`].
 pub fn walk(
     root: &Path,
     sub: Option<&str>,
@@ -212,14 +220,6 @@ pub fn walk(
         }
     }
     Ok(out)
-}
-
-/// Hashes files a [`walk`] left to hash; the entries come out sorted by path.
-pub fn hash(root: &Path, jobs: Vec<HashJob>) -> ScanOutcome {
-    let mut out = ScanOutcome::default();
-    hash_all(root, jobs, &mut out);
-    out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    out
 }
 
 /// Observes one path; returns it as a directory to walk if it is one.
