@@ -156,7 +156,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// QUIC transport settings shared by every connection: keep-alives so that an idle
-/// peer session stays up, and an idle timeout that notices a vanished peer.
+/// peer session stays up, an idle timeout that notices a vanished peer, fewer
+/// acknowledgements (see [`ACK_EVERY`]), and room for [`PEER_STREAMS`] streams.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(3)));
@@ -166,8 +167,26 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_EVERY));
+    t.ack_frequency_config(Some(ack));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(PEER_STREAMS));
     Arc::new(t)
 }
+
+/// The peer is asked (QUIC's ACK-frequency extension; both ends are quinn) to
+/// acknowledge every ninth packet that needs it instead of every second one, or
+/// after its usual short delay. During a bulk transfer each acknowledgement is a
+/// datagram, a seal, a system call and a wake-up of the sender's connection
+/// task; loss is still detected by packet number gaps as before. Measured on
+/// `gen.py small` (both nodes, one process): 19% fewer `sendmsg`, 55% fewer
+/// `recvmmsg`, 25% fewer context switches.
+pub const ACK_EVERY: u32 = 8;
+
+/// Bidirectional streams a peer may have open at once: every fetch in flight is
+/// one (up to 96 per batch) besides the index and control streams; quinn's
+/// default of 100 would make the last fetches of a full window wait for credit.
+pub const PEER_STREAMS: u32 = 256;
 
 /// The largest UDP payload we probe for and accept. MTU discovery starts from
 /// QUIC's safe 1200 bytes and only moves up as far as the path carries probes, so

@@ -27,8 +27,12 @@ use crate::sync::diff::{self, LocalIndex, Step};
 use crate::sync::record::{Kind, Record};
 use crate::wire::Timestamp;
 
-/// How many files of one batch are fetched at once.
-const PARALLEL_FETCHES: usize = 32;
+/// How many files of one batch are fetched at once. A small file's round trip is
+/// mostly waiting (for the peer's read, for the write here), so the more are in
+/// flight, the more of them each wake-up of a blocking worker finds queued; at 32
+/// the workers drained their queues empty and slept between files. Each holds at
+/// most [`transfer::SMALL_FILE`] in memory.
+const PARALLEL_FETCHES: usize = 96;
 
 /// The index, as the pure planner sees it.
 pub(super) struct View<'a>(pub(super) &'a Store);

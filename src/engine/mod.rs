@@ -164,6 +164,8 @@ pub struct Engine {
     /// (dev, inode) of directories never scanned: the state dir and the marker dir.
     excluded: Vec<(u64, u64)>,
     store: Mutex<Store>,
+    /// The index read-only, for serving fetches without waiting for commits.
+    pub(crate) reader: Mutex<crate::index::store::Reader>,
     ignore: RwLock<IgnoreRules>,
     /// Paths being installed from a peer (with how many batches claim each): scans
     /// leave them alone until committed.
@@ -237,6 +239,7 @@ impl Engine {
     pub fn open(name: &str, root: &Path, state_dir: &Path) -> Result<Arc<Engine>, EngineError> {
         std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
         let store = Store::open(&state_dir.join("index.db"))?;
+        let reader = crate::index::store::Reader::open(&state_dir.join("index.db"))?;
         let marker_dir = root.join(STATE_DIR_NAME);
         let marker = marker_dir.join(MARKER);
         let id_hex: String = store
@@ -280,6 +283,7 @@ impl Engine {
             state_dir: state_dir.to_path_buf(),
             excluded,
             store: Mutex::new(store),
+            reader: Mutex::new(reader),
             ignore: RwLock::new(ignore),
             installing: Mutex::default(),
             seq,

@@ -137,8 +137,8 @@ async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found
 /// shrank cannot. Links are never followed.
 fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Found {
     let current = {
-        let store = engine.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.served(path)
+        let reader = engine.reader.lock().unwrap_or_else(|p| p.into_inner());
+        reader.served(path)
     };
     let current = match current {
         Ok(Some(c)) => c,
