@@ -44,6 +44,39 @@ async fn add_modify_delete_dirs_and_empty_dirs() {
     a.shutdown().await;
 }
 
+/// Directories a node creates while installing a batch are watched only once the
+/// batch is done (their own installs are not reported back to the node); what is
+/// written in them locally, during the batch or after it, still reaches the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_writes_in_directories_made_by_an_install_are_synced() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();
+    write(&da, "fresh/first.txt", b"first");
+    write(&da, "fresh/deep/big.bin", &big);
+    let (a, b) = env.pair().await;
+    // As soon as the first file is on b, most likely while the large one of the
+    // same batch is still arriving.
+    wait_content(&db, "fresh/first.txt", b"first").await;
+    write(
+        &db,
+        "fresh/deep/during.txt",
+        b"written on b during the install",
+    );
+    wait_content(
+        &da,
+        "fresh/deep/during.txt",
+        b"written on b during the install",
+    )
+    .await;
+    wait_content(&db, "fresh/deep/big.bin", &big).await;
+    write(&db, "fresh/deep/after.txt", b"written on b after it");
+    wait_content(&da, "fresh/deep/after.txt", b"written on b after it").await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_is_a_local_move_not_a_transfer() {
     let env = TestEnv::new();

@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::Connection;
@@ -25,6 +25,7 @@ use crate::index::{Entry, StatKey, Store, Update, TEMP_PREFIX};
 use crate::path::RelPath;
 use crate::sync::diff::{self, LocalIndex, Step};
 use crate::sync::record::{Kind, Record};
+use crate::watch::{Deferred, Unwatched};
 use crate::wire::Timestamp;
 
 /// How many files of one batch are fetched at once. A small file's round trip is
@@ -163,6 +164,7 @@ pub async fn apply_batch(
     let by_path = Arc::new(Batch {
         records: by_path,
         planned,
+        unwatched: Mutex::new(Unwatched::none(&engine.deferred)),
     });
     for (path, why) in &plan.refused {
         tracing::warn!("{}: refused a record from {peer}: {why}", engine.name);
@@ -731,6 +733,9 @@ fn step_remote(step: &Step) -> Option<&Record> {
 pub(super) struct Batch {
     pub(super) records: HashMap<String, Record>,
     pub(super) planned: HashMap<String, Option<Entry>>,
+    /// Directories this batch created, unwatched until it is done (see
+    /// [`crate::watch::Deferred`]); released when the batch is dropped.
+    pub(super) unwatched: Mutex<Unwatched>,
 }
 
 impl Batch {
@@ -893,7 +898,13 @@ pub(super) async fn run_step(
         }
         Step::MakeDir { remote } => {
             let local = batch.entry(&engine, &remote.path).await?;
-            let (stat, dir) = make_dir(&engine.root, &engine.name, &remote, local.as_ref())?;
+            let (stat, dir) = make_dir(
+                &engine.root,
+                &engine.name,
+                &remote,
+                local.as_ref(),
+                Some((&engine.deferred, &batch.unwatched)),
+            )?;
             Ok(Done {
                 updates: vec![Update {
                     record: remote.clone(),
@@ -1104,7 +1115,9 @@ async fn conflict(
                 dirs.push(installed.dir);
                 installed.stat
             }),
-        Kind::Dir => make_dir(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s)),
+        Kind::Dir => {
+            make_dir(&engine.root, &engine.name, &winner, None, None).map(|(s, _)| Some(s))
+        }
         Kind::Symlink => {
             make_symlink(&engine.root, &engine.name, &winner, None).map(|(s, _)| Some(s))
         }
@@ -1745,11 +1758,14 @@ impl Target {
     }
 }
 
+/// Makes the directory `remote` (if it is not one already). With `unwatched`, a
+/// directory it creates is held unwatched until that batch is done.
 fn make_dir(
     root: &Path,
     node: &str,
     remote: &Record,
     local: Option<&Entry>,
+    unwatched: Option<(&Arc<Deferred>, &Mutex<Unwatched>)>,
 ) -> Result<(StatKey, PathBuf), String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     ensure_parents(root, &rel)?;
@@ -1759,7 +1775,13 @@ fn make_dir(
         _ => {
             check_unchanged(&abs, local)?;
             clear_for_kind_change(root, node, &abs, local, Kind::Dir)?;
+            // Held before it exists, so its creation event already finds it held;
+            // released at once (the guard drops) if the mkdir fails.
+            let held = unwatched.map(|(d, _)| d.hold(&remote.path));
             fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
+            if let (Some(held), Some((_, batch))) = (held, unwatched) {
+                batch.lock().unwrap_or_else(|p| p.into_inner()).merge(held);
+            }
         }
     }
     let _ = fs::set_permissions(&abs, Permissions::from_mode((remote.mode & 0o777) | 0o700));
@@ -2187,7 +2209,7 @@ mod tests {
             };
             race(atomic_save, None);
             let made = match kind {
-                Kind::Dir => make_dir(dir.path(), "b", &remote, Some(&local)),
+                Kind::Dir => make_dir(dir.path(), "b", &remote, Some(&local), None),
                 _ => make_symlink(dir.path(), "b", &remote, Some(&local)),
             };
             assert_changed_locally(made, "link or dir");

@@ -472,6 +472,7 @@ impl Engine {
         let batch = Batch {
             records: [(q.path.clone(), q.record.clone())].into(),
             planned,
+            unwatched: std::sync::Mutex::new(crate::watch::Unwatched::none(&self.deferred)),
         };
         let source = Source::Staged(staged.unwrap_or_default());
         let done = apply::run_step(self.clone(), q.peer.clone(), source, step, &batch).await?;

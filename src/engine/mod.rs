@@ -164,6 +164,9 @@ pub struct Engine {
     /// (dev, inode) of directories never scanned: the state dir and the marker dir.
     excluded: Vec<(u64, u64)>,
     store: Mutex<Store>,
+    /// Directories an install is creating, which the watcher leaves alone until
+    /// the install's batch is committed.
+    pub(crate) deferred: Arc<crate::watch::Deferred>,
     /// The index read-only, for serving fetches without waiting for commits.
     pub(crate) reader: Mutex<crate::index::store::Reader>,
     ignore: RwLock<IgnoreRules>,
@@ -284,6 +287,7 @@ impl Engine {
             excluded,
             store: Mutex::new(store),
             reader: Mutex::new(reader),
+            deferred: Arc::default(),
             ignore: RwLock::new(ignore),
             installing: Mutex::default(),
             seq,

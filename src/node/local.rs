@@ -20,11 +20,16 @@ pub(crate) type Watching = Option<(Watcher, mpsc::Receiver<Batch>)>;
 
 /// Starts watching `root` (before the start-up scan, so that nothing written
 /// between the scan and the first watch goes unnoticed).
-pub(crate) fn start_watching(name: &str, root: &std::path::Path, enabled: bool) -> Watching {
+pub(crate) fn start_watching(
+    name: &str,
+    root: &std::path::Path,
+    enabled: bool,
+    deferred: Arc<crate::watch::Deferred>,
+) -> Watching {
     if !enabled {
         return None;
     }
-    match Watcher::start(root, WatchConfig::default()) {
+    match Watcher::start(root, WatchConfig::default(), deferred) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(

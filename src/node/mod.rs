@@ -236,7 +236,12 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source,
     })?;
     let engine = Engine::open(&config.name, &config.dir, &config.state_dir)?;
-    let watching = local::start_watching(&config.name, &config.dir, config.watch);
+    let watching = local::start_watching(
+        &config.name,
+        &config.dir,
+        config.watch,
+        engine.deferred.clone(),
+    );
     let (stop, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared {
         endpoint,
