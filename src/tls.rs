@@ -181,12 +181,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
 /// task; loss is still detected by packet number gaps as before. Measured on
 /// `gen.py small` (both nodes, one process): 19% fewer `sendmsg`, 55% fewer
 /// `recvmmsg`, 25% fewer context switches.
-pub const ACK_EVERY: u32 = 8;
+const ACK_EVERY: u32 = 8;
 
 /// Bidirectional streams a peer may have open at once: every fetch in flight is
-/// one (up to 96 per batch) besides the index and control streams; quinn's
-/// default of 100 would make the last fetches of a full window wait for credit.
-pub const PEER_STREAMS: u32 = 256;
+/// one (`PARALLEL_FETCHES` in `engine/apply.rs`) besides the index and control
+/// streams; quinn's default of 100 would make a full window wait for credit.
+const PEER_STREAMS: u32 = 256;
 
 /// The largest UDP payload we probe for and accept. MTU discovery starts from
 /// QUIC's safe 1200 bytes and only moves up as far as the path carries probes, so

@@ -186,6 +186,12 @@ impl Unwatched {
         }
     }
 
+    /// Holds one more directory in the same registry, as its own guard (to
+    /// [`merge`](Unwatched::merge) once the directory is made).
+    pub fn hold(&self, rel: &str) -> Unwatched {
+        self.deferred.hold(rel)
+    }
+
     /// Takes over what `other` holds (released together, when `self` drops).
     pub fn merge(&mut self, mut other: Unwatched) {
         self.rels.append(&mut other.rels);

@@ -25,7 +25,7 @@ use crate::index::{Entry, StatKey, Store, Update, TEMP_PREFIX};
 use crate::path::RelPath;
 use crate::sync::diff::{self, LocalIndex, Step};
 use crate::sync::record::{Kind, Record};
-use crate::watch::{Deferred, Unwatched};
+use crate::watch::Unwatched;
 use crate::wire::Timestamp;
 
 /// How many files of one batch are fetched at once. A small file's round trip is
@@ -903,7 +903,7 @@ pub(super) async fn run_step(
                 &engine.name,
                 &remote,
                 local.as_ref(),
-                Some((&engine.deferred, &batch.unwatched)),
+                Some(&batch.unwatched),
             )?;
             Ok(Done {
                 updates: vec![Update {
@@ -1765,7 +1765,7 @@ fn make_dir(
     node: &str,
     remote: &Record,
     local: Option<&Entry>,
-    unwatched: Option<(&Arc<Deferred>, &Mutex<Unwatched>)>,
+    unwatched: Option<&Mutex<Unwatched>>,
 ) -> Result<(StatKey, PathBuf), String> {
     let rel = RelPath::parse(&remote.path).map_err(|e| e.to_string())?;
     ensure_parents(root, &rel)?;
@@ -1777,9 +1777,14 @@ fn make_dir(
             clear_for_kind_change(root, node, &abs, local, Kind::Dir)?;
             // Held before it exists, so its creation event already finds it held;
             // released at once (the guard drops) if the mkdir fails.
-            let held = unwatched.map(|(d, _)| d.hold(&remote.path));
+            let lock = |u: &Mutex<Unwatched>| {
+                u.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .hold(&remote.path)
+            };
+            let held = unwatched.map(lock);
             fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
-            if let (Some(held), Some((_, batch))) = (held, unwatched) {
+            if let (Some(held), Some(batch)) = (held, unwatched) {
                 batch.lock().unwrap_or_else(|p| p.into_inner()).merge(held);
             }
         }

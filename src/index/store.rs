@@ -162,23 +162,20 @@ impl Reader {
     /// What a peer's fetch of `path` is checked against, without decoding the
     /// rest of the record: its kind, whether it is a tombstone, its hash and size.
     pub fn served(&self, path: &str) -> Result<Option<Served>, StoreError> {
-        served_on(&self.conn, path)
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, deleted, hash, size FROM files WHERE path = ?1")?;
+        let mut rows = stmt.query(params![path])?;
+        let Some(row) = rows.next()? else {
+            return Ok(None);
+        };
+        Ok(Some(Served {
+            kind: kind_of(path, row.get(0)?)?,
+            deleted: row.get::<_, i64>(1)? != 0,
+            hash: hash_of(path, row.get(2)?)?,
+            size: row.get::<_, i64>(3)? as u64,
+        }))
     }
-}
-
-fn served_on(conn: &Connection, path: &str) -> Result<Option<Served>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT kind, deleted, hash, size FROM files WHERE path = ?1")?;
-    let mut rows = stmt.query(params![path])?;
-    let Some(row) = rows.next()? else {
-        return Ok(None);
-    };
-    Ok(Some(Served {
-        kind: kind_of(path, row.get(0)?)?,
-        deleted: row.get::<_, i64>(1)? != 0,
-        hash: hash_of(path, row.get(2)?)?,
-        size: row.get::<_, i64>(3)? as u64,
-    }))
 }
 
 /// The kind stored as `code` (see [`kind_code`]).
