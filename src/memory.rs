@@ -2,16 +2,16 @@
 //!
 //! Rust's allocations go to jemalloc (the default `jemalloc` feature). With
 //! glibc's allocator, the threads of a bulk sync fought over its heaps: of the
-//! ~39,000 `futex` calls while syncing `gen.py small` (10,000 files), ~14,000
-//! were threads waiting for a glibc heap lock (`perf record -e
+//! ~39,000 `futex` calls while syncing `gen.py small` (10,000 files), ~13,500
+//! were waits for and wake-ups of a glibc heap lock (`perf record -e
 //! syscalls:sys_enter_futex --call-graph dwarf`), because a buffer made on one
 //! thread (a QUIC packet, a file's bytes) is freed on another. jemalloc's
-//! per-thread caches take most of those without a lock: the same sync uses ~14%
-//! less CPU and ends ~17% sooner (median of 4 interleaved runs each), for ~12 MB
-//! more at its peak. It is tuned for that: two arenas (more only add memory
-//! here; the thread caches do the scaling), and freed pages handed back after
-//! 200 ms instead of 10 s (`MALLOC_CONF` below; `_RJEM_MALLOC_CONF` overrides it
-//! at run time).
+//! per-thread caches take most of those without a lock: the same sync uses ~8%
+//! less CPU and ends ~8% sooner (medians of 6 interleaved runs), for ~9 MB more
+//! at its peak; 100,000 tiny files sync ~23% sooner, with a peak ~17 MB lower.
+//! It is tuned for that: two arenas (more only add memory here; the thread
+//! caches do the scaling), and freed pages handed back after 200 ms instead of
+//! 10 s (`MALLOC_CONF` below; `_RJEM_MALLOC_CONF` overrides it at run time).
 //!
 //! glibc's allocator still serves the C code (SQLite). It gives threads their
 //! own heaps ("arenas", by default up to eight per CPU) and keeps what is freed
