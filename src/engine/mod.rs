@@ -225,6 +225,14 @@ impl ScanContext for Ctx<'_> {
             .filter(|e| !e.record.deleted && e.stat.as_ref() == Some(stat))
             .map(|e| e.record.hash)
     }
+    fn unchanged(&self, obs: &scan::Observed) -> Option<u32> {
+        let i = self.entries.position(&obs.path)?;
+        let entry = self.entries.at(i)?;
+        if !crate::index::changes::proven_unchanged(entry, obs) {
+            return None;
+        }
+        u32::try_from(i).ok()
+    }
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
         self.ignore.is_ignored(path, is_dir)
     }
@@ -676,7 +684,7 @@ impl Engine {
         if scopes.is_none() && entries.is_empty() {
             return self.index_new_tree(&entries, seq_read, &ctx, &ignore);
         }
-        let mut observed = Vec::new();
+        let mut found = scan::Found::default();
         let mut missed = NotObserved::default();
         let roots: Vec<Option<&str>> = match &scopes {
             None => vec![None],
@@ -684,16 +692,11 @@ impl Engine {
         };
         for scope in roots {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
-            let found = outcome.entries_logged(&self.name, &mut missed);
-            if observed.is_empty() {
-                observed = found; // a full scan's one list, not copied
-            } else {
-                observed.extend(found);
-            }
+            found.extend(outcome.entries_logged(&self.name, &mut missed));
         }
         self.after_walk_hook();
         self.version_observed(
-            observed,
+            found,
             missed,
             &entries,
             seq_read,
@@ -774,9 +777,9 @@ impl Engine {
         }
         part.hash_found(&self.root);
         let mut missed = NotObserved::default();
-        let observed = part.entries_logged(&self.name, &mut missed);
+        let found = part.entries_logged(&self.name, &mut missed);
         let (n, seq) =
-            self.version_observed(observed, missed, entries, parts.seq_read, None, ignore)?;
+            self.version_observed(found, missed, entries, parts.seq_read, None, ignore)?;
         parts.changed += n;
         parts.seq_read = seq;
         parts.files = (parts.files * 2).min(PART_FILES_MAX);
@@ -789,7 +792,7 @@ impl Engine {
     /// part of the same scan with.
     fn version_observed(
         &self,
-        observed: Vec<scan::Observed>,
+        found: scan::Found,
         missed: NotObserved,
         entries: &Entries,
         seq_read: u64,
@@ -834,7 +837,8 @@ impl Engine {
         // change is never left unindexed until the next full rescan. A directory
         // only counts if it stopped being one or its mode changed: its mtime moves
         // with every file installed into it, and rechecking it means walking it.
-        let deferred = observed
+        let deferred = found
+            .observed
             .iter()
             .filter(|o| installing.contains(&o.path))
             .filter(|o| match (o.kind, entries.get(&o.path)) {
@@ -845,7 +849,15 @@ impl Engine {
             .map(|o| o.path.clone())
             .collect::<Vec<_>>();
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let mut changes = detect(&self.name, entries, &observed, &in_scope, now, &skip);
+        let mut changes = detect(
+            &self.name,
+            entries,
+            &found.observed,
+            &found.unchanged,
+            &in_scope,
+            now,
+            &skip,
+        );
         drop(not_observed);
         claimed.extend(deferred);
         self.recheck_after_install(claimed);

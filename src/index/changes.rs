@@ -32,6 +32,17 @@ impl Entries {
             .map(|i| &self.0[i])
     }
 
+    /// Where `path`'s entry is in the sorted list (see [`Entries::at`]).
+    pub fn position(&self, path: &str) -> Option<usize> {
+        self.0
+            .binary_search_by(|e| e.record.path.as_str().cmp(path))
+            .ok()
+    }
+
+    pub fn at(&self, position: usize) -> Option<&Entry> {
+        self.0.get(position)
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -70,14 +81,24 @@ pub fn detect(
     node: &str,
     index: &Entries,
     observed: &[Observed],
+    unchanged: &[u32],
     in_scope: &dyn Fn(&str) -> bool,
     now: Timestamp,
     skip: &dyn Fn(&str) -> bool,
 ) -> LocalChanges {
     let mut out = LocalChanges::default();
-    let mut seen = std::collections::HashSet::with_capacity(observed.len());
+    // Which index entries the scan met: those it observed, and those it found
+    // exactly as indexed (kept as positions only, see [`proven_unchanged`]).
+    let mut seen = vec![false; index.len()];
+    for &i in unchanged {
+        if let Some(s) = seen.get_mut(i as usize) {
+            *s = true;
+        }
+    }
     for obs in observed {
-        seen.insert(obs.path.as_str());
+        if let Some(i) = index.position(&obs.path) {
+            seen[i] = true;
+        }
         if skip(&obs.path) {
             continue;
         }
@@ -113,9 +134,9 @@ pub fn detect(
             }
         }
     }
-    for e in index.iter() {
+    for (e, _) in index.iter().zip(&seen).filter(|(_, &seen)| !seen) {
         let path = e.record.path.as_str();
-        if e.record.deleted || seen.contains(path) || !in_scope(path) || skip(path) {
+        if e.record.deleted || !in_scope(path) || skip(path) {
             continue;
         }
         let mut version = e.record.version.clone();
@@ -165,6 +186,17 @@ pub fn tombstone(of: &Record, version: VersionVector, node: &str, now: Timestamp
 
 /// Whether what is on disk is a different version than the record: content, kind,
 /// link target or executable bits. Timestamps alone are not a change.
+/// Whether `obs` is exactly what `entry` says: the same stat (so the same
+/// inode, size, mtime and ctime: nothing about the file changed since it was
+/// indexed) and nothing [`detect`] would version or refresh. A scan keeps such an
+/// observation as the entry's position only, not as an [`Observed`].
+pub fn proven_unchanged(entry: &Entry, obs: &Observed) -> bool {
+    !entry.record.deleted
+        && obs.stat.is_some()
+        && obs.stat == entry.stat
+        && !differs(&entry.record, obs)
+}
+
 fn differs(r: &Record, o: &Observed) -> bool {
     if r.kind != o.kind {
         return true;
@@ -226,6 +258,7 @@ mod tests {
             "a",
             &Entries::default(),
             &[obs("x", b"1"), obs("y", b"2")],
+            &[],
             &all,
             NOW,
             &none,
@@ -239,6 +272,7 @@ mod tests {
             "a",
             &index,
             &[obs("x", b"1"), obs("z", b"3")],
+            &[],
             &all,
             NOW,
             &none,
@@ -262,7 +296,15 @@ mod tests {
 
         let mut changed = obs("x", b"1!");
         changed.stat = None;
-        let third = detect("a", &index, &[changed], &|p| within(p, "x"), NOW, &none);
+        let third = detect(
+            "a",
+            &index,
+            &[changed],
+            &[],
+            &|p| within(p, "x"),
+            NOW,
+            &none,
+        );
         assert_eq!(
             third.updates.len(),
             1,
@@ -279,6 +321,7 @@ mod tests {
             "a",
             &Entries::default(),
             &[obs("x", b"1")],
+            &[],
             &all,
             NOW,
             &none,
@@ -288,19 +331,74 @@ mod tests {
             mtime_ns: 9,
             ..touched.stat.unwrap()
         });
-        let c = detect("a", &index, &[touched.clone()], &all, NOW, &none);
+        let c = detect("a", &index, &[touched.clone()], &[], &all, NOW, &none);
         assert!(c.updates.is_empty());
         assert_eq!(c.refreshed.len(), 1);
 
         touched.mode = 0o755;
-        let c = detect("a", &index, &[touched], &all, NOW, &none);
+        let c = detect("a", &index, &[touched], &[], &all, NOW, &none);
         assert_eq!(c.updates.len(), 1);
 
         let skip_x = |p: &str| p == "x";
-        let c = detect("a", &index, &[], &all, NOW, &skip_x);
+        let c = detect("a", &index, &[], &[], &all, NOW, &skip_x);
         assert!(
             c.updates.is_empty(),
             "a skipped path is never taken as deleted"
         );
+    }
+
+    #[test]
+    fn an_entry_found_as_indexed_is_kept_by_its_position_alone() {
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        let index = index_of(&detect(
+            "a",
+            &Entries::default(),
+            &[obs("x", b"1"), obs("y", b"2"), obs("z", b"3")],
+            &[],
+            &all,
+            NOW,
+            &none,
+        ));
+        let y = index.position("y").unwrap();
+        assert!(proven_unchanged(index.at(y).unwrap(), &obs("y", b"2")));
+        // x changed, y is as indexed (a position only), z is gone.
+        let c = detect(
+            "a",
+            &index,
+            &[obs("x", b"1!")],
+            &[y as u32],
+            &all,
+            NOW,
+            &none,
+        );
+        let got: Vec<(&str, bool)> = c
+            .updates
+            .iter()
+            .map(|u| (u.record.path.as_str(), u.record.deleted))
+            .collect();
+        assert_eq!(
+            got,
+            [("x", false), ("z", true)],
+            "y is neither versioned nor deleted"
+        );
+        assert!(c.refreshed.is_empty());
+
+        // Not proven: another stat (touched), another exec bit, a tombstone.
+        let mut touched = obs("y", b"2");
+        touched.stat = Some(StatKey {
+            ctime_ns: 9,
+            ..touched.stat.unwrap()
+        });
+        assert!(!proven_unchanged(index.at(y).unwrap(), &touched));
+        let mut exec = obs("y", b"2");
+        exec.mode = 0o755;
+        exec.stat = index.at(y).unwrap().stat;
+        assert!(!proven_unchanged(index.at(y).unwrap(), &exec));
+        let mut unproven = obs("y", b"2");
+        unproven.stat = None;
+        assert!(!proven_unchanged(index.at(y).unwrap(), &unproven));
+        let gone = index_of(&detect("a", &index, &[], &[], &|p| p == "y", NOW, &none));
+        assert!(!proven_unchanged(gone.at(0).unwrap(), &obs("y", b"2")));
     }
 }

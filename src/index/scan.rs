@@ -43,8 +43,13 @@ pub struct Observed {
 /// The result of one scan.
 #[derive(Debug, Default)]
 pub struct ScanOutcome {
-    /// Files, directories and symlinks, sorted by path.
+    /// Files, directories and symlinks, sorted by path, except those found
+    /// exactly as indexed.
     pub entries: Vec<Observed>,
+    /// The index positions ([`ScanContext::unchanged`]) of what was found exactly
+    /// as indexed: 4 bytes each instead of an [`Observed`], which is what keeps
+    /// a rescan of a large, mostly unchanged tree small.
+    pub unchanged: Vec<u32>,
     /// Entries that were skipped, with the reason.
     pub warnings: Vec<String>,
     /// How many files had to be hashed (not proven unchanged by the cache).
@@ -65,16 +70,28 @@ pub struct ScanOutcome {
 }
 
 impl ScanOutcome {
-    /// The entries, after logging the warnings as `node`'s; the unstable, the
-    /// claimed and the unreadable paths go to the caller's lists.
-    pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Vec<Observed> {
+    /// The entries and the unchanged positions, after logging the warnings as
+    /// `node`'s; the unstable, the claimed and the unreadable paths go to the
+    /// caller's lists.
+    pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Found {
         for w in &self.warnings {
             tracing::warn!("{node}: {w}");
         }
         lists.unstable.extend(self.unstable);
         lists.claimed.extend(self.claimed);
         lists.unreadable.extend(self.unreadable);
-        self.entries
+        Found {
+            observed: self.entries,
+            unchanged: self.unchanged,
+        }
+    }
+
+    /// Keeps `obs`: as an index position if the context proves it unchanged.
+    fn found(&mut self, obs: Observed, ctx: &impl ScanContext) {
+        match ctx.unchanged(&obs) {
+            Some(position) => self.unchanged.push(position),
+            None => self.entries.push(obs),
+        }
     }
 
     /// Hashes the files a [`walk`] left in `to_hash` into the entries, and sorts
@@ -90,6 +107,26 @@ impl ScanOutcome {
     fn unreadable(&mut self, rel: &str, why: String) {
         self.warnings.push(why);
         self.unreadable.push(rel.to_string());
+    }
+}
+
+/// What a scan found: what it observed, and the index positions of what it
+/// found exactly as indexed (see [`ScanOutcome`]).
+#[derive(Debug, Default)]
+pub struct Found {
+    pub observed: Vec<Observed>,
+    pub unchanged: Vec<u32>,
+}
+
+impl Found {
+    /// Adds `more` (another scope's scan) to this.
+    pub fn extend(&mut self, more: Found) {
+        if self.observed.is_empty() && self.unchanged.is_empty() {
+            *self = more; // a full scan's one pair of lists, not copied
+        } else {
+            self.observed.extend(more.observed);
+            self.unchanged.extend(more.unchanged);
+        }
     }
 }
 
@@ -110,6 +147,11 @@ pub trait ScanContext {
     }
     /// The hash of `path` if it was computed when the file had exactly `stat`.
     fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash>;
+    /// The index position of `obs`'s entry if `obs` is exactly what the index
+    /// holds (nothing to version or refresh): then the scan keeps only that.
+    fn unchanged(&self, _obs: &Observed) -> Option<u32> {
+        None
+    }
     /// Paths the user asked to ignore (`.dirsyncignore`).
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool;
     /// Paths the engine is installing right now: not hashed (the install's own
@@ -150,9 +192,10 @@ pub fn walk(
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = ScanOutcome::default();
     if matches!(sub, None | Some("")) {
-        // A whole tree: room at once for what the index holds and a few more,
-        // rather than doubling up to it (a list twice the tree, at the end).
-        out.entries
+        // A whole tree: room at once for what the index holds (mostly found
+        // unchanged, as positions) and a few more, rather than doubling up to
+        // it (a list twice the tree, at the end).
+        out.unchanged
             .reserve(ctx.expected_entries() + ctx.expected_entries() / 16);
     }
     let root_meta = fs::metadata(root).map_err(|source| ScanError::Root {
@@ -255,16 +298,19 @@ fn observe(
         if excluded.contains(&(meta.dev(), meta.ino())) {
             return None;
         }
-        out.entries.push(Observed {
-            path: rel.clone(),
-            kind: Kind::Dir,
-            size: 0,
-            modified,
-            mode,
-            hash: ContentHash([0; 32]),
-            target: None,
-            stat: Some(stat),
-        });
+        out.found(
+            Observed {
+                path: rel.clone(),
+                kind: Kind::Dir,
+                size: 0,
+                modified,
+                mode,
+                hash: ContentHash([0; 32]),
+                target: None,
+                stat: Some(stat),
+            },
+            ctx,
+        );
         return Some((abs, rel));
     }
     if ft.is_symlink() {
@@ -279,16 +325,19 @@ fn observe(
             out.unreadable(&rel, format!("skipped link {rel}: target is not UTF-8"));
             return None;
         };
-        out.entries.push(Observed {
-            size: target.len() as u64,
-            hash: ContentHash::of(target.as_bytes()),
-            path: rel,
-            kind: Kind::Symlink,
-            modified,
-            mode,
-            target: Some(target),
-            stat: Some(stat),
-        });
+        out.found(
+            Observed {
+                size: target.len() as u64,
+                hash: ContentHash::of(target.as_bytes()),
+                path: rel,
+                kind: Kind::Symlink,
+                modified,
+                mode,
+                target: Some(target),
+                stat: Some(stat),
+            },
+            ctx,
+        );
         return None;
     }
     if !ft.is_file() {
@@ -302,16 +351,19 @@ fn observe(
         return None;
     }
     match ctx.cached_hash(&rel, &stat) {
-        Some(hash) => out.entries.push(Observed {
-            path: rel,
-            kind: Kind::File,
-            size: stat.size,
-            modified,
-            mode,
-            hash,
-            target: None,
-            stat: Some(stat),
-        }),
+        Some(hash) => out.found(
+            Observed {
+                path: rel,
+                kind: Kind::File,
+                size: stat.size,
+                modified,
+                mode,
+                hash,
+                target: None,
+                stat: Some(stat),
+            },
+            ctx,
+        ),
         // Hashed after the walk, on several threads when there is much to hash.
         None => {
             out.to_hash_bytes += stat.size;
