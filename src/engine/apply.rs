@@ -1777,12 +1777,10 @@ fn make_dir(
             clear_for_kind_change(root, node, &abs, local, Kind::Dir)?;
             // Held before it exists, so its creation event already finds it held;
             // released at once (the guard drops) if the mkdir fails.
-            let lock = |u: &Mutex<Unwatched>| {
-                u.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .hold(&remote.path)
-            };
-            let held = unwatched.map(lock);
+            let held = unwatched.map(|batch| {
+                let batch = batch.lock().unwrap_or_else(|p| p.into_inner());
+                batch.hold(&remote.path)
+            });
             fs::create_dir(&abs).map_err(|e| format!("mkdir {rel}: {e}"))?;
             if let (Some(held), Some(batch)) = (held, unwatched) {
                 batch.lock().unwrap_or_else(|p| p.into_inner()).merge(held);

@@ -26,10 +26,7 @@ impl Entries {
     }
 
     pub fn get(&self, path: &str) -> Option<&Entry> {
-        self.0
-            .binary_search_by(|e| e.record.path.as_str().cmp(path))
-            .ok()
-            .map(|i| &self.0[i])
+        self.position(path).map(|i| &self.0[i])
     }
 
     /// Where `path`'s entry is in the sorted list (see [`Entries::at`]).
@@ -184,8 +181,6 @@ pub fn tombstone(of: &Record, version: VersionVector, node: &str, now: Timestamp
     }
 }
 
-/// Whether what is on disk is a different version than the record: content, kind,
-/// link target or executable bits. Timestamps alone are not a change.
 /// Whether `obs` is exactly what `entry` says: the same stat (so the same
 /// inode, size, mtime and ctime: nothing about the file changed since it was
 /// indexed) and nothing [`detect`] would version or refresh. A scan keeps such an
@@ -197,6 +192,8 @@ pub fn proven_unchanged(entry: &Entry, obs: &Observed) -> bool {
         && !differs(&entry.record, obs)
 }
 
+/// Whether what is on disk is a different version than the record: content, kind,
+/// link target or executable bits. Timestamps alone are not a change.
 fn differs(r: &Record, o: &Observed) -> bool {
     if r.kind != o.kind {
         return true;
@@ -243,6 +240,21 @@ mod tests {
                 stat: u.stat,
             })
             .collect()
+    }
+
+    /// The index a first scan that observed `found` makes.
+    fn first_index(found: &[Observed]) -> Entries {
+        let all = |_: &str| true;
+        let none = |_: &str| false;
+        index_of(&detect(
+            "a",
+            &Entries::default(),
+            found,
+            &[],
+            &all,
+            NOW,
+            &none,
+        ))
     }
 
     const NOW: Timestamp = Timestamp {
@@ -317,15 +329,7 @@ mod tests {
     fn touch_refreshes_and_exec_bit_is_a_change_and_skip_is_respected() {
         let none = |_: &str| false;
         let all = |_: &str| true;
-        let index = index_of(&detect(
-            "a",
-            &Entries::default(),
-            &[obs("x", b"1")],
-            &[],
-            &all,
-            NOW,
-            &none,
-        ));
+        let index = first_index(&[obs("x", b"1")]);
         let mut touched = obs("x", b"1");
         touched.stat = Some(StatKey {
             mtime_ns: 9,
@@ -351,15 +355,7 @@ mod tests {
     fn an_entry_found_as_indexed_is_kept_by_its_position_alone() {
         let none = |_: &str| false;
         let all = |_: &str| true;
-        let index = index_of(&detect(
-            "a",
-            &Entries::default(),
-            &[obs("x", b"1"), obs("y", b"2"), obs("z", b"3")],
-            &[],
-            &all,
-            NOW,
-            &none,
-        ));
+        let index = first_index(&[obs("x", b"1"), obs("y", b"2"), obs("z", b"3")]);
         let y = index.position("y").unwrap();
         assert!(proven_unchanged(index.at(y).unwrap(), &obs("y", b"2")));
         // x changed, y is as indexed (a position only), z is gone.
