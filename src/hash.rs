@@ -32,8 +32,14 @@ impl ContentHash {
     /// Hashes the first `len` bytes of the file at `path`. Returns `None` if the file
     /// is shorter than that (it changed since its size was read).
     pub fn of_file_prefix(path: &Path, len: u64) -> io::Result<Option<Self>> {
+        Self::of_reader_prefix(std::fs::File::open(path)?, len)
+    }
+
+    /// The hash of the first `len` bytes read from `file`, or `None` if it
+    /// ends before that.
+    pub fn of_reader_prefix(file: impl io::Read, len: u64) -> io::Result<Option<Self>> {
         let mut hasher = blake3::Hasher::new();
-        let mut file = std::fs::File::open(path)?.take(len);
+        let mut file = file.take(len);
         // Large reads let BLAKE3 hash many chunks at once with SIMD.
         let mut buf = vec![0u8; (256 * 1024).min(len.max(1) as usize)];
         let mut read = 0u64;

@@ -1279,7 +1279,18 @@ fn install_over(
 /// (only a file system without `RENAME_NOREPLACE` checks first). On failure `new`
 /// is removed if it is a temp file.
 fn place_new(new: &Path, abs: &Path, temp: bool) -> Result<(), String> {
-    let result = match rename_noreplace(new, abs) {
+    place_new_at(None, new, abs, temp)
+}
+
+/// [`place_new`], resolving both paths from `root` (the open root directory and
+/// its path) when given.
+fn place_new_at(
+    root: Option<(&rustix::fd::OwnedFd, &Path)>,
+    new: &Path,
+    abs: &Path,
+    temp: bool,
+) -> Result<(), String> {
+    let result = match rename_noreplace_at(root, new, abs) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(changed_locally(abs)),
         Err(e) => Err(format!("installing {}: {e}", abs.display())),
@@ -1293,8 +1304,29 @@ fn place_new(new: &Path, abs: &Path, temp: bool) -> Result<(), String> {
 /// Renames `from` to `to` unless something is at `to` (`AlreadyExists`): with
 /// `RENAME_NOREPLACE`, or on a file system without it, after a check.
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    rename_noreplace_at(None, from, to)
+}
+
+/// [`rename_noreplace`]; with `root` (the open root directory and its path), both
+/// paths are resolved from it rather than again from `/`.
+fn rename_noreplace_at(
+    root: Option<(&rustix::fd::OwnedFd, &Path)>,
+    from: &Path,
+    to: &Path,
+) -> std::io::Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+    let below = root.and_then(|(dir, root)| {
+        Some((
+            dir,
+            from.strip_prefix(root).ok()?,
+            to.strip_prefix(root).ok()?,
+        ))
+    });
+    let renamed = match below {
+        Some((dir, from, to)) => renameat_with(dir, from, dir, to, RenameFlags::NOREPLACE),
+        None => renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE),
+    };
+    match renamed {
         Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
             if to.symlink_metadata().is_ok() {
                 return Err(std::io::ErrorKind::AlreadyExists.into());
@@ -1662,11 +1694,26 @@ impl Target {
     fn place_synced(&self, tmp: &Path, made: StatKey) -> Result<Option<StatKey>, String> {
         let abs = self.rel.to_path(&self.root);
         let temp = (self.root.as_path(), &self.rel, self.node.as_str());
-        install_over(tmp, &abs, self.local.as_ref(), Some(temp))?;
-        let now = abs
-            .symlink_metadata()
-            .map(|m| StatKey::of(&m))
-            .map_err(|e| e.to_string())?;
+        let live = self.local.as_ref().filter(|e| !e.record.deleted);
+        match (self.root_dir.as_deref(), live) {
+            // Nothing indexed there (the common case of a bulk transfer): a rename
+            // and a stat resolved from the open root.
+            (Some(dir), None) => place_new_at(Some((dir, &self.root)), tmp, &abs, true)?,
+            _ => install_over(tmp, &abs, self.local.as_ref(), Some(temp))?,
+        }
+        let now = match self.root_dir.as_deref() {
+            Some(dir) => rustix::fs::statat(
+                dir,
+                self.rel.as_str(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map(|st| StatKey::of_stat(&st))
+            .map_err(|e| format!("{}: {e}", abs.display()))?,
+            None => abs
+                .symlink_metadata()
+                .map(|m| StatKey::of(&m))
+                .map_err(|e| e.to_string())?,
+        };
         Ok(renamed(Some(&made), &now).then_some(now))
     }
 

@@ -410,6 +410,16 @@ impl Engine {
         *self.root_dir.write().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
+    /// The root directory open: as the last batch opened it, or opened now if
+    /// none has yet.
+    pub(crate) fn root_dir_or_open(&self) -> Option<Arc<rustix::fd::OwnedFd>> {
+        if let Some(dir) = self.root_dir() {
+            return Some(dir);
+        }
+        self.open_root_dir();
+        self.root_dir()
+    }
+
     /// The root directory as the current batch opened it.
     pub(crate) fn root_dir(&self) -> Option<Arc<rustix::fd::OwnedFd>> {
         self.root_dir

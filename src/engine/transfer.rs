@@ -151,11 +151,7 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
     // Opened without following a link (and without blocking on a fifo put in its
     // place), then checked through the open file: one path lookup, and nothing
     // swapped in between a check and the open.
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(no_follow_flags())
-        .open(abs)
-        .and_then(|f| f.metadata().map(|m| (f, m)));
+    let opened = open_served(engine, path, abs).and_then(|f| f.metadata().map(|m| (f, m)));
     let (file, meta) = match opened {
         Ok((f, m)) if m.is_file() => (f, m),
         Ok(_) => return Found::Refuse(format!("{path} is not a regular file")),
@@ -177,6 +173,28 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
         Ok(_) => moved_on(),
         Err(e) => Found::Refuse(format!("{path}: {e}")),
     }
+}
+
+/// Opens the indexed `path` (`abs` under the root) to serve it: from the open
+/// root with `openat2`, which resolves only below it and through no link at all
+/// (the index holds no path through a link, so one there means the tree changed
+/// since), and which walks only the path's own components. Where the kernel has
+/// no `openat2`, `abs` is opened without following a link at its end.
+fn open_served(engine: &Engine, path: &str, abs: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    if let Some(dir) = engine.root_dir_or_open() {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let resolve =
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(&*dir, path, flags, Mode::empty(), resolve) {
+            Err(rustix::io::Errno::NOSYS) => {}
+            opened => return opened.map(std::fs::File::from).map_err(Into::into),
+        }
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow_flags())
+        .open(abs)
 }
 
 /// `O_NOFOLLOW | O_NONBLOCK`: a link is refused (`ELOOP`), a fifo does not block.
@@ -569,5 +587,31 @@ mod tests {
         assert!(
             matches!(find_version(&engine, "f.txt", &abs, hash), Found::Refuse(r) if r.contains("not a regular file"))
         );
+    }
+
+    /// A directory of an indexed path replaced by a link (here to a copy of the
+    /// tree outside the root, same content): nothing is served through it.
+    #[tokio::test]
+    async fn nothing_is_served_through_a_link_put_in_place_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        let engine = Engine::open("a", &root, &root.join(STATE_DIR_NAME)).unwrap();
+        std::fs::write(root.join("d/f.txt"), b"secret").unwrap();
+        engine.scan(None).await.unwrap();
+        let hash = engine.record("d/f.txt").await.unwrap().unwrap().hash;
+        let abs = root.join("d/f.txt");
+        assert!(
+            matches!(find_version(&engine, "d/f.txt", &abs, hash), Found::Bytes(b) if b == b"secret")
+        );
+
+        std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+        std::fs::write(dir.path().join("elsewhere/f.txt"), b"secret").unwrap();
+        std::fs::rename(root.join("d"), dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), root.join("d")).unwrap();
+        assert!(matches!(
+            find_version(&engine, "d/f.txt", &abs, hash),
+            Found::Refuse(_)
+        ));
     }
 }

@@ -47,4 +47,15 @@ impl StatKey {
             dev: meta.dev(),
         }
     }
+
+    /// The same from a raw status (`fstatat`), as [`StatKey::of`] has it.
+    pub fn of_stat(st: &rustix::fs::Stat) -> StatKey {
+        StatKey {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+            ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
+            ino: st.st_ino,
+            dev: st.st_dev,
+        }
+    }
 }

@@ -1,7 +1,6 @@
 //! Walking the synced tree and hashing what changed.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -9,6 +8,7 @@ use super::{StatKey, TEMP_PREFIX};
 use crate::hash::ContentHash;
 use crate::sync::record::Kind;
 use crate::wire::Timestamp;
+use rustix::fs::FileType;
 
 /// A file whose mtime is this close to the moment it was hashed may still be written
 /// within the same timestamp tick, so its hash is not trusted later ("racy clean",
@@ -208,12 +208,13 @@ pub fn walk(
             source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
         });
     }
+    let at = Root::open(root);
     let mut stack: Vec<(PathBuf, String)> = Vec::new();
     match sub {
         None | Some("") => stack.push((root.to_path_buf(), String::new())),
         Some(rel) => {
             // The subtree itself is observed like any entry; only a directory is walked.
-            if let Some(dir) = observe(root, rel.to_string(), excluded, ctx, &mut out) {
+            if let Some(dir) = observe(&at, rel.to_string(), excluded, ctx, &mut out) {
                 stack.push(dir);
             }
         }
@@ -252,7 +253,7 @@ pub fn walk(
             } else {
                 format!("{rel}/{name}")
             };
-            if let Some(dir) = observe(root, child, excluded, ctx, &mut out) {
+            if let Some(dir) = observe(&at, child, excluded, ctx, &mut out) {
                 stack.push(dir);
             }
         }
@@ -265,9 +266,60 @@ pub fn walk(
     Ok(out)
 }
 
+/// The synced root, held open while a scan runs: every path below it is
+/// resolved from there (`fstatat`, `openat`), not again from `/` through each of
+/// the root's own components, twice or three times per file.
+struct Root<'a> {
+    path: &'a Path,
+    /// `None` if it could not be opened: then paths are resolved whole.
+    dir: Option<rustix::fd::OwnedFd>,
+}
+
+impl<'a> Root<'a> {
+    fn open(path: &'a Path) -> Root<'a> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::open(path, flags, Mode::empty()).ok();
+        Root { path, dir }
+    }
+
+    /// The status of `rel` itself (a link is not followed).
+    fn stat(&self, rel: &str) -> std::io::Result<rustix::fs::Stat> {
+        let stat = match &self.dir {
+            Some(dir) => rustix::fs::statat(dir, rel, rustix::fs::AtFlags::SYMLINK_NOFOLLOW),
+            None => rustix::fs::lstat(self.path.join(rel)),
+        };
+        stat.map_err(std::io::Error::from)
+    }
+
+    /// `rel` open for reading, never through a link at its end (`ELOOP`) and
+    /// never blocking on a fifo put in its place.
+    fn open_read(&self, rel: &str) -> std::io::Result<fs::File> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let file = match &self.dir {
+            Some(dir) => rustix::fs::openat(dir, rel, flags, Mode::empty()),
+            None => rustix::fs::open(self.path.join(rel), flags, Mode::empty()),
+        };
+        file.map(fs::File::from).map_err(std::io::Error::from)
+    }
+}
+
+/// A status's mtime.
+fn modified_of(stat: &rustix::fs::Stat) -> Option<SystemTime> {
+    let nanos = Duration::from_nanos(stat.st_mtime_nsec);
+    if stat.st_mtime >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(stat.st_mtime as u64) + nanos)
+    } else {
+        SystemTime::UNIX_EPOCH
+            .checked_sub(Duration::from_secs(stat.st_mtime.unsigned_abs()))?
+            .checked_add(nanos)
+    }
+}
+
 /// Observes one path; returns it as a directory to walk if it is one.
 fn observe(
-    root: &Path,
+    root: &Root<'_>,
     rel: String,
     excluded: &[(u64, u64)],
     ctx: &impl ScanContext,
@@ -277,9 +329,8 @@ fn observe(
     if name.starts_with(TEMP_PREFIX) {
         return None;
     }
-    let abs = root.join(&rel);
-    // symlink_metadata: links are never followed.
-    let meta = match abs.symlink_metadata() {
+    // lstat: links are never followed.
+    let meta = match root.stat(&rel) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None, // vanished
         Err(e) => {
@@ -287,15 +338,17 @@ fn observe(
             return None;
         }
     };
-    let ft = meta.file_type();
-    if ctx.is_ignored(&rel, ft.is_dir()) {
+    let ft = FileType::from_raw_mode(meta.st_mode);
+    let is_dir = ft == FileType::Directory;
+    if ctx.is_ignored(&rel, is_dir) {
         return None;
     }
-    let stat = StatKey::of(&meta);
-    let modified = Timestamp::from_system_time(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
-    let mode = meta.permissions().mode() & 0o777;
-    if ft.is_dir() {
-        if excluded.contains(&(meta.dev(), meta.ino())) {
+    let stat = StatKey::of_stat(&meta);
+    let mtime = modified_of(&meta);
+    let modified = Timestamp::from_system_time(mtime.unwrap_or(SystemTime::UNIX_EPOCH));
+    let mode = meta.st_mode & 0o777;
+    if is_dir {
+        if excluded.contains(&(stat.dev, stat.ino)) {
             return None;
         }
         out.found(
@@ -311,10 +364,10 @@ fn observe(
             },
             ctx,
         );
-        return Some((abs, rel));
+        return Some((root.path.join(&rel), rel));
     }
-    if ft.is_symlink() {
-        let target = match fs::read_link(&abs) {
+    if ft == FileType::Symlink {
+        let target = match fs::read_link(root.path.join(&rel)) {
             Ok(t) => t,
             Err(e) => {
                 out.unreadable(&rel, format!("skipped link {rel}: {e}"));
@@ -340,7 +393,7 @@ fn observe(
         );
         return None;
     }
-    if !ft.is_file() {
+    if ft != FileType::RegularFile {
         out.warnings.push(format!(
             "skipped {rel}: not a regular file, directory or symlink (fifo, socket or device)"
         ));
@@ -370,7 +423,7 @@ fn observe(
             out.to_hash.push(HashJob {
                 rel,
                 stat,
-                mtime: meta.modified().ok(),
+                mtime,
                 modified,
                 mode,
             })
@@ -382,8 +435,8 @@ fn observe(
 /// A file the cache could not prove unchanged.
 #[derive(Debug)]
 pub struct HashJob {
-    /// The path, relative to the root (the absolute one is made when it is
-    /// hashed: a start-up scan holds a job for every file of the tree).
+    /// The path, relative to the root (it is opened from the open root: a
+    /// start-up scan holds a job for every file of the tree).
     rel: String,
     stat: StatKey,
     mtime: Option<SystemTime>,
@@ -396,6 +449,10 @@ const PARALLEL_HASH_FROM: u64 = 4 << 20;
 
 /// Hashes every job into `out`: on up to 4 threads for large amounts.
 fn hash_all(root: &Path, jobs: Vec<HashJob>, out: &mut ScanOutcome) {
+    if jobs.is_empty() {
+        return;
+    }
+    let root = &Root::open(root);
     let bytes: u64 = jobs.iter().map(|j| j.stat.size).sum();
     if bytes < PARALLEL_HASH_FROM {
         jobs.iter().for_each(|j| hash_one(root, j, out));
@@ -443,19 +500,26 @@ fn hash_all(root: &Path, jobs: Vec<HashJob>, out: &mut ScanOutcome) {
     }
 }
 
-fn hash_one(root: &Path, job: &HashJob, out: &mut ScanOutcome) {
+fn hash_one(root: &Root<'_>, job: &HashJob, out: &mut ScanOutcome) {
     let (rel, stat) = (&job.rel, job.stat);
-    let abs = root.join(rel);
     let started = SystemTime::now();
     // Exactly the size that was stat'ed, so size and hash always describe the same
     // bytes, even if the file grows meanwhile.
-    let hash = match ContentHash::of_file_prefix(&abs, stat.size) {
+    let hash = match root
+        .open_read(rel)
+        .and_then(|f| ContentHash::of_reader_prefix(f, stat.size))
+    {
         Ok(Some(h)) => h,
         Ok(None) => {
             out.unstable.push(rel.clone());
             return;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        // A link (or a fifo) took the file's place since the walk: looked at again.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            out.unstable.push(rel.clone());
+            return;
+        }
         Err(e) => {
             out.unreadable(rel, format!("skipped {rel}: {e}"));
             return;
@@ -463,7 +527,7 @@ fn hash_one(root: &Path, job: &HashJob, out: &mut ScanOutcome) {
     };
     out.hashed_files += 1;
     out.hashed_bytes += stat.size;
-    let after = abs.symlink_metadata().ok().map(|m| StatKey::of(&m));
+    let after = root.stat(rel).ok().map(|m| StatKey::of_stat(&m));
     let racy = job
         .mtime
         .map(|m| {
@@ -492,7 +556,60 @@ fn hash_one(root: &Path, job: &HashJob, out: &mut ScanOutcome) {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::sync::Mutex;
+
+    /// A status taken through the open root (or through the whole path, when it
+    /// could not be opened) must equal std's field for field: the hash cache
+    /// compares stats made both ways.
+    #[test]
+    fn the_open_root_stats_as_std_does_and_never_opens_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), b"x").unwrap();
+        fs::write(root.join("a/old"), b"y").unwrap();
+        fs::set_permissions(root.join("a/b/f"), fs::Permissions::from_mode(0o751)).unwrap();
+        // Before 1970 (a negative mtime with nanoseconds) and an hour ago.
+        let before = SystemTime::UNIX_EPOCH - Duration::from_millis(1500);
+        let f = fs::File::options()
+            .write(true)
+            .open(root.join("a/old"))
+            .unwrap();
+        f.set_modified(before).unwrap();
+        set_old_mtime(&root.join("a/b/f"));
+        std::os::unix::fs::symlink("f", root.join("a/b/l")).unwrap();
+        let at = Root::open(root);
+        assert!(at.dir.is_some());
+        let whole = Root {
+            path: root,
+            dir: None,
+        };
+        for rel in ["a", "a/b", "a/b/f", "a/b/l", "a/old"] {
+            let meta = root.join(rel).symlink_metadata().unwrap();
+            for r in [&at, &whole] {
+                let st = r.stat(rel).unwrap();
+                assert_eq!(StatKey::of_stat(&st), StatKey::of(&meta), "{rel}");
+                assert_eq!(modified_of(&st), meta.modified().ok(), "{rel}");
+                assert_eq!(st.st_mode & 0o777, meta.permissions().mode() & 0o777);
+                assert_eq!(FileType::from_raw_mode(st.st_mode).is_dir(), meta.is_dir());
+            }
+        }
+        assert_eq!(modified_of(&at.stat("a/old").unwrap()), Some(before));
+        for r in [&at, &whole] {
+            let link = r.open_read("a/b/l").unwrap_err();
+            assert_eq!(
+                link.raw_os_error(),
+                Some(rustix::io::Errno::LOOP.raw_os_error())
+            );
+            assert_eq!(
+                r.stat("a/none").unwrap_err().kind(),
+                std::io::ErrorKind::NotFound
+            );
+            let hash = ContentHash::of_reader_prefix(r.open_read("a/b/f").unwrap(), 1);
+            assert_eq!(hash.unwrap(), Some(ContentHash::of(b"x")));
+        }
+    }
 
     #[derive(Default)]
     struct Cache(Mutex<HashMap<String, (StatKey, ContentHash)>>);
