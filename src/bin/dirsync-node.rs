@@ -39,24 +39,55 @@ fn init_logging(flag: Option<&str>) {
         .init();
 }
 
+/// Prints each event as its human line on stderr. The lines already queued go
+/// out in one write (a bulk transfer makes thousands a second; `eprintln!` costs
+/// two system calls per line).
+async fn print_events(mut events: tokio::sync::broadcast::Receiver<dirsync::events::Event>) {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    /// Written once this much is pending, even with more lines queued.
+    const FLUSH_AT: usize = 64 * 1024;
+    let mut out = String::new();
+    let mut first = events.recv().await;
+    loop {
+        let mut closed = false;
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            match event {
+                Ok(e) => {
+                    let _ = writeln!(out, "{}", e.human());
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let _ = writeln!(out, "({n} events not shown)");
+                }
+                Err(RecvError::Closed) => closed = true,
+            }
+            if out.len() < FLUSH_AT && !closed {
+                next = match events.try_recv() {
+                    Ok(e) => Some(Ok(e)),
+                    Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                    Err(TryRecvError::Empty) => None,
+                };
+            }
+        }
+        let _ = std::io::stderr().write_all(out.as_bytes());
+        out.clear();
+        if closed {
+            return;
+        }
+        first = events.recv().await;
+    }
+}
+
 async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let node = dirsync::node::start(config)
         .await
         .context("cannot start the node")?;
     // One human line per action, e.g. `a: <- docs/report.pdf from b (1.2 MiB, 38 ms)`.
-    let mut events = node.events();
-    let printer = tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(e) => eprintln!("{}", e.human()),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    eprintln!("({n} events not shown)")
-                }
-                Err(_) => return,
-            }
-        }
-    });
+    let printer = tokio::spawn(print_events(node.events()));
     wait_for_signal().await?;
     printer.abort();
     tracing::info!("shutting down");
