@@ -209,7 +209,17 @@ pub async fn fetch_small(
     hash: ContentHash,
     size: u64,
 ) -> Result<Vec<u8>, TransferError> {
-    let mut recv = request(conn, path, hash, size).await?;
+    receive_small(send_request(conn, path, hash).await?, hash, size).await
+}
+
+/// Receives the answer to a request [`send_request`] sent for a small file
+/// (`size` bytes at `hash`) whole into memory, checking its size and hash.
+pub async fn receive_small(
+    mut recv: RecvStream,
+    hash: ContentHash,
+    size: u64,
+) -> Result<Vec<u8>, TransferError> {
+    read_header(&mut recv, size).await?;
     let mut bytes = Vec::with_capacity(size as usize);
     while (bytes.len() as u64) < size {
         let want = (size - bytes.len() as u64) as usize;
@@ -237,7 +247,21 @@ async fn request(
     hash: ContentHash,
     size: u64,
 ) -> Result<quinn::RecvStream, TransferError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut recv = send_request(conn, path, hash).await?;
+    read_header(&mut recv, size).await?;
+    Ok(recv)
+}
+
+/// Opens a file's stream and sends its `FetchRequest`, without waiting for the
+/// answer. Requests sent one after another in one task go out together: the
+/// connection sends what is queued when it next runs, so many requests share a
+/// datagram instead of taking one each.
+pub async fn send_request(
+    conn: &Connection,
+    path: &str,
+    hash: ContentHash,
+) -> Result<RecvStream, TransferError> {
+    let (mut send, recv) = conn.open_bi().await?;
     write_message(
         &mut send,
         &Message::FetchRequest {
@@ -247,7 +271,6 @@ async fn request(
     )
     .await?;
     let _ = send.finish();
-    read_header(&mut recv, size).await?;
     Ok(recv)
 }
 
