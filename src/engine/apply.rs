@@ -586,6 +586,12 @@ async fn install_chunk(
     Ok(applied.failed)
 }
 
+/// `path` if its install is not provably what was written (no `stat`: a local
+/// edit reached it at once), to be scanned again once the batch is committed.
+fn unproven(stat: Option<&StatKey>, path: &str) -> Option<String> {
+    stat.is_none().then(|| path.to_string())
+}
+
 /// Makes received small files durable at once, then renames each into
 /// place (if its target is still what the index says); a file that cannot be
 /// installed becomes a failed record, retried later.
@@ -627,9 +633,7 @@ async fn finish_pending(
         match r {
             Ok(stat) => {
                 if let Some(u) = d.updates.first_mut() {
-                    if stat.is_none() {
-                        d.rescan.push(u.record.path.clone());
-                    }
+                    d.rescan.extend(unproven(stat.as_ref(), &u.record.path));
                     u.stat = stat;
                 }
                 ready.push(d)
@@ -945,11 +949,7 @@ pub(super) async fn run_step(
                     }
                 }
             };
-            // Not provably what was written: a local edit reached it at once.
-            let rescan = match stat {
-                Some(_) => vec![],
-                None => vec![remote.path.clone()],
-            };
+            let rescan = unproven(stat.as_ref(), &remote.path).into_iter().collect();
             Ok(Done {
                 updates: vec![Update {
                     record: remote,
@@ -1033,10 +1033,7 @@ pub(super) async fn run_step(
                 local_from.as_ref(),
                 local_to.as_ref(),
             )?;
-            let rescan = match stat {
-                Some(_) => vec![],
-                None => vec![remote.path.clone()],
-            };
+            let rescan = unproven(stat.as_ref(), &remote.path).into_iter().collect();
             let updates = vec![
                 Update {
                     record: remote.clone(),
