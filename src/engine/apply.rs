@@ -504,33 +504,34 @@ async fn start_next(
     source: &Source,
     batch: &Arc<Batch>,
 ) -> bool {
-    let Some(mut step) = waiting.next() else {
+    let Some(step) = waiting.next() else {
         return false;
     };
-    if let (
-        Work::Apply(Step::Fetch {
-            remote,
-            local_source: None,
-        }),
-        Source::Peer(conn),
-    ) = (&step, source)
-    {
-        if remote.size <= transfer::SMALL_FILE {
+    let step = match (step, source) {
+        (
+            Work::Apply(Step::Fetch {
+                remote,
+                local_source: None,
+            }),
+            Source::Peer(conn),
+        ) if remote.size <= transfer::SMALL_FILE => {
             let started = Instant::now();
-            // If the request cannot be sent, the step runs as planned (and
-            // fails there, with the reason, to be retried).
-            if let Ok(answer) = transfer::send_request(conn, &remote.path, remote.hash).await {
-                let Work::Apply(Step::Fetch { remote, .. }) = step else {
-                    unreachable!("matched above")
-                };
-                step = Work::Requested {
+            match transfer::send_request(conn, &remote.path, remote.hash).await {
+                Ok(answer) => Work::Requested {
                     remote,
                     answer,
                     started,
-                };
+                },
+                // The step runs as planned, and fails there with the reason
+                // (to be retried).
+                Err(_) => Work::Apply(Step::Fetch {
+                    remote,
+                    local_source: None,
+                }),
             }
         }
-    }
+        (step, _) => step,
+    };
     let records = step.records();
     let (engine, peer, source, batch) = (
         engine.clone(),
