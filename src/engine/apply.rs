@@ -1317,14 +1317,18 @@ fn renamed(recorded: Option<&StatKey>, now: &StatKey) -> bool {
 /// being renamed) at `abs`, where the index has `local`, never losing what is
 /// there if it is not `local`: see [`place_new`] and [`swap_in`]. On failure a
 /// temp `new` is removed; a renamed one stays where it was.
+///
+/// `root` (the open root directory and its path), if given, resolves the rename
+/// of a new path from there.
 fn install_over(
+    root: Option<(&rustix::fd::OwnedFd, &Path)>,
     new: &Path,
     abs: &Path,
     local: Option<&Entry>,
     temp: Option<(&Path, &RelPath, &str)>,
 ) -> Result<(), String> {
     let Some(entry) = local.filter(|e| !e.record.deleted) else {
-        return place_new(new, abs, temp.is_some());
+        return place_new(root, new, abs, temp.is_some());
     };
     let checked = check_unchanged(abs, Some(entry)).and_then(|_| match entry.record.kind {
         Kind::Dir => remove_empty_dir(abs),
@@ -1337,7 +1341,7 @@ fn install_over(
         return Err(e);
     }
     match entry.record.kind {
-        Kind::Dir => place_new(new, abs, temp.is_some()),
+        Kind::Dir => place_new(root, new, abs, temp.is_some()),
         _ => swap_in(new, abs, entry, temp),
     }
 }
@@ -1345,14 +1349,9 @@ fn install_over(
 /// Renames `new` to `abs`, where nothing is indexed, refusing to replace whatever
 /// appeared there meanwhile: one call, no window between a check and the rename
 /// (only a file system without `RENAME_NOREPLACE` checks first). On failure `new`
-/// is removed if it is a temp file.
-fn place_new(new: &Path, abs: &Path, temp: bool) -> Result<(), String> {
-    place_new_at(None, new, abs, temp)
-}
-
-/// [`place_new`], resolving both paths from `root` (the open root directory and
-/// its path) when given.
-fn place_new_at(
+/// is removed if it is a temp file. With `root` (the open root directory and its
+/// path), both paths are resolved from it.
+fn place_new(
     root: Option<(&rustix::fd::OwnedFd, &Path)>,
     new: &Path,
     abs: &Path,
@@ -1762,26 +1761,12 @@ impl Target {
     fn place_synced(&self, tmp: &Path, made: StatKey) -> Result<Option<StatKey>, String> {
         let abs = self.rel.to_path(&self.root);
         let temp = (self.root.as_path(), &self.rel, self.node.as_str());
-        let live = self.local.as_ref().filter(|e| !e.record.deleted);
-        match (self.root_dir.as_deref(), live) {
-            // Nothing indexed there (the common case of a bulk transfer): a rename
-            // and a stat resolved from the open root.
-            (Some(dir), None) => place_new_at(Some((dir, &self.root)), tmp, &abs, true)?,
-            _ => install_over(tmp, &abs, self.local.as_ref(), Some(temp))?,
-        }
-        let now = match self.root_dir.as_deref() {
-            Some(dir) => rustix::fs::statat(
-                dir,
-                self.rel.as_str(),
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
+        let dir = self.root_dir.as_deref();
+        let root = dir.map(|d| (d, self.root.as_path()));
+        install_over(root, tmp, &abs, self.local.as_ref(), Some(temp))?;
+        let now = crate::index::lstat_below(dir, &self.root, self.rel.as_str())
             .map(|st| StatKey::of_stat(&st))
-            .map_err(|e| format!("{}: {e}", abs.display()))?,
-            None => abs
-                .symlink_metadata()
-                .map(|m| StatKey::of(&m))
-                .map_err(|e| e.to_string())?,
-        };
+            .map_err(|e| format!("{}: {e}", abs.display()))?;
         Ok(renamed(Some(&made), &now).then_some(now))
     }
 
@@ -1810,18 +1795,11 @@ impl Target {
 
     /// `tmp`, created with `openat2(root, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
     fn create_beneath(&self, tmp: &Path) -> Option<File> {
-        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::fs::{Mode, OFlags};
         let dir = self.root_dir.as_ref()?;
         let rel = tmp.strip_prefix(&self.root).ok()?;
-        rustix::fs::openat2(
-            dir,
-            rel,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-            Mode::from_raw_mode(self.mode),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        )
-        .ok()
-        .map(File::from)
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
+        crate::index::open_beneath(dir, rel, flags, Mode::from_raw_mode(self.mode)).ok()
     }
 
     /// Writes `content` to a temp file and places it (blocking).
@@ -1926,7 +1904,7 @@ fn make_symlink(
     let tmp = temp_name(&abs);
     // The link is created, never followed: its target may point anywhere.
     std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("symlink {rel}: {e}"))?;
-    install_over(&tmp, &abs, local, Some((root, &rel, node)))?;
+    install_over(None, &tmp, &abs, local, Some((root, &rel, node)))?;
     let stat = abs
         .symlink_metadata()
         .map(|m| StatKey::of(&m))
@@ -2019,7 +1997,7 @@ fn rename(
     };
     check_unchanged(&from_abs, Some(source))?;
     ensure_parents(root, &rel)?;
-    install_over(&from_abs, &to_abs, local_to, None)
+    install_over(None, &from_abs, &to_abs, local_to, None)
         .map_err(|e| format!("renaming {from} to {rel}: {e}"))?;
     let proven = holds_version(&to_abs, &source.record, |now| {
         renamed(source.stat.as_ref(), now)

@@ -119,14 +119,14 @@ pub async fn serve_fetch(
 /// checked first, the index check and the open (and a small file's read) in one
 /// call on a blocking worker.
 async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found {
-    let rel = match RelPath::parse(path) {
-        Ok(r) => r,
+    let path = match RelPath::parse(path) {
+        Ok(r) => String::from(r),
         Err(e) => return Found::Refuse(e.to_string()),
     };
-    let (me, abs, path) = (engine.clone(), rel.to_path(&engine.root), path.to_string());
+    let me = engine.clone();
     engine
         .small_io
-        .run(move || find_version(&me, &path, &abs, hash))
+        .run(move || find_version(&me, &path, hash))
         .await
         .unwrap_or_else(|e| Found::Refuse(e.to_string()))
 }
@@ -134,8 +134,8 @@ async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found
 /// The indexed file `path` if it is still at `hash`: read whole if small, opened to
 /// stream otherwise. Exactly the indexed size is served: a file that only grew since
 /// still serves the indexed version (the receiver verifies the hash); one that
-/// shrank cannot. Links are never followed.
-fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> Found {
+/// shrank cannot. Links are never followed, at its end or on its way.
+fn find_version(engine: &Engine, path: &str, hash: ContentHash) -> Found {
     let current = {
         let reader = engine.reader.lock().unwrap_or_else(|p| p.into_inner());
         reader.served(path)
@@ -148,15 +148,19 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
     if current.deleted || current.kind != Kind::File || current.hash != hash {
         return moved_on();
     }
-    // Opened without following a link (and without blocking on a fifo put in its
-    // place), then checked through the open file: one path lookup, and nothing
-    // swapped in between a check and the open.
-    let opened = open_served(engine, path, abs).and_then(|f| f.metadata().map(|m| (f, m)));
+    // Opened from the open root through no link (and without blocking on a fifo
+    // put in its place), then checked through the open file: nothing swapped in
+    // between a check and the open.
+    let root = engine.root_dir_or_open();
+    let opened = crate::index::open_read_below(root.as_deref(), &engine.root, path)
+        .and_then(|f| f.metadata().map(|m| (f, m)));
     let (file, meta) = match opened {
         Ok((f, m)) if m.is_file() => (f, m),
         Ok(_) => return Found::Refuse(format!("{path} is not a regular file")),
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            return Found::Refuse(format!("{path} is not a regular file"))
+            return Found::Refuse(format!(
+                "{path} is not a regular file, or a link is on its way"
+            ))
         }
         Err(e) => return Found::Refuse(format!("{path}: {e}")),
     };
@@ -173,28 +177,6 @@ fn find_version(engine: &Engine, path: &str, abs: &Path, hash: ContentHash) -> F
         Ok(_) => moved_on(),
         Err(e) => Found::Refuse(format!("{path}: {e}")),
     }
-}
-
-/// Opens the indexed `path` (`abs` under the root) to serve it: from the open
-/// root with `openat2`, which resolves only below it and through no link at all
-/// (the index holds no path through a link, so one there means the tree changed
-/// since), and which walks only the path's own components. Where the kernel has
-/// no `openat2`, `abs` is opened without following a link at its end.
-fn open_served(engine: &Engine, path: &str, abs: &Path) -> std::io::Result<std::fs::File> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    if let Some(dir) = engine.root_dir_or_open() {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let resolve =
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        match rustix::fs::openat2(&*dir, path, flags, Mode::empty(), resolve) {
-            Err(rustix::io::Errno::NOSYS) => {}
-            opened => return opened.map(std::fs::File::from).map_err(Into::into),
-        }
-    }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(no_follow_flags())
-        .open(abs)
 }
 
 /// `O_NOFOLLOW | O_NONBLOCK`: a link is refused (`ELOOP`), a fifo does not block.
@@ -589,15 +571,13 @@ mod tests {
         engine.scan(None).await.unwrap();
         let hash = engine.record("f.txt").await.unwrap().unwrap().hash;
         let abs = root.join("f.txt");
-        assert!(
-            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Bytes(b) if b == b"secret")
-        );
+        assert!(matches!(find_version(&engine, "f.txt", hash), Found::Bytes(b) if b == b"secret"));
 
         std::fs::write(dir.path().join("outside.txt"), b"secret").unwrap();
         std::fs::remove_file(&abs).unwrap();
         std::os::unix::fs::symlink(dir.path().join("outside.txt"), &abs).unwrap();
         assert!(
-            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Refuse(r) if r.contains("not a regular file"))
+            matches!(find_version(&engine, "f.txt", hash), Found::Refuse(r) if r.contains("not a regular file"))
         );
 
         std::fs::remove_file(&abs).unwrap();
@@ -608,7 +588,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(find_version(&engine, "f.txt", &abs, hash), Found::Refuse(r) if r.contains("not a regular file"))
+            matches!(find_version(&engine, "f.txt", hash), Found::Refuse(r) if r.contains("not a regular file"))
         );
     }
 
@@ -623,18 +603,16 @@ mod tests {
         std::fs::write(root.join("d/f.txt"), b"secret").unwrap();
         engine.scan(None).await.unwrap();
         let hash = engine.record("d/f.txt").await.unwrap().unwrap().hash;
-        let abs = root.join("d/f.txt");
         assert!(
-            matches!(find_version(&engine, "d/f.txt", &abs, hash), Found::Bytes(b) if b == b"secret")
+            matches!(find_version(&engine, "d/f.txt", hash), Found::Bytes(b) if b == b"secret")
         );
 
         std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
         std::fs::write(dir.path().join("elsewhere/f.txt"), b"secret").unwrap();
         std::fs::rename(root.join("d"), dir.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), root.join("d")).unwrap();
-        assert!(matches!(
-            find_version(&engine, "d/f.txt", &abs, hash),
-            Found::Refuse(_)
-        ));
+        assert!(
+            matches!(find_version(&engine, "d/f.txt", hash), Found::Refuse(r) if r.contains("a link is on its way"))
+        );
     }
 }

@@ -16,6 +16,10 @@ pub mod store;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use rustix::fd::OwnedFd;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 pub use scan::{ScanError, ScanOutcome};
 pub use store::{Entry, Store, StoreError, Update};
@@ -58,4 +62,49 @@ impl StatKey {
             dev: st.st_dev,
         }
     }
+}
+
+/// The status of `rel` itself (a link is not followed), resolved from `dir`, the
+/// open root, when there is one: only `rel`'s own components are walked, not
+/// the root's again. Without `dir`, `root/rel` is resolved whole.
+pub fn lstat_below(
+    dir: Option<&OwnedFd>,
+    root: &Path,
+    rel: &str,
+) -> std::io::Result<rustix::fs::Stat> {
+    let stat = match dir {
+        Some(dir) => rustix::fs::statat(dir, rel, rustix::fs::AtFlags::SYMLINK_NOFOLLOW),
+        None => rustix::fs::lstat(root.join(rel)),
+    };
+    stat.map_err(std::io::Error::from)
+}
+
+/// `rel` opened with `openat2` from `dir` (the open root), which the kernel
+/// resolves only below it and through no link at all (`ELOOP`): the index holds
+/// no path through a link, so one there means the tree changed.
+pub fn open_beneath(
+    dir: &OwnedFd,
+    rel: impl AsRef<Path>,
+    flags: OFlags,
+    mode: Mode,
+) -> rustix::io::Result<fs::File> {
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    rustix::fs::openat2(dir, rel.as_ref(), flags | OFlags::CLOEXEC, mode, resolve)
+        .map(fs::File::from)
+}
+
+/// `rel` opened for reading without following a link at its end and without
+/// blocking on a fifo put in its place: [`open_beneath`] from `dir` when there
+/// is one (and the kernel has `openat2`), else `root/rel` with `O_NOFOLLOW`.
+pub fn open_read_below(dir: Option<&OwnedFd>, root: &Path, rel: &str) -> std::io::Result<fs::File> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    if let Some(dir) = dir {
+        match open_beneath(dir, rel, flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOSYS) => {}
+            opened => return opened.map_err(Into::into),
+        }
+    }
+    rustix::fs::open(root.join(rel), flags | OFlags::CLOEXEC, Mode::empty())
+        .map(fs::File::from)
+        .map_err(Into::into)
 }

@@ -266,9 +266,10 @@ pub fn walk(
     Ok(out)
 }
 
-/// The synced root, held open while a scan runs: every path below it is
-/// resolved from there (`fstatat`, `openat`), not again from `/` through each of
-/// the root's own components, twice or three times per file.
+/// The synced root, held open while a scan runs: the paths below it that the
+/// scan stats and opens are resolved from there ([`super::lstat_below`],
+/// [`super::open_read_below`]), not again from `/` through each of the root's
+/// own components, twice or three times per file.
 struct Root<'a> {
     path: &'a Path,
     /// `None` if it could not be opened: then paths are resolved whole.
@@ -285,23 +286,13 @@ impl<'a> Root<'a> {
 
     /// The status of `rel` itself (a link is not followed).
     fn stat(&self, rel: &str) -> std::io::Result<rustix::fs::Stat> {
-        let stat = match &self.dir {
-            Some(dir) => rustix::fs::statat(dir, rel, rustix::fs::AtFlags::SYMLINK_NOFOLLOW),
-            None => rustix::fs::lstat(self.path.join(rel)),
-        };
-        stat.map_err(std::io::Error::from)
+        super::lstat_below(self.dir.as_ref(), self.path, rel)
     }
 
-    /// `rel` open for reading, never through a link at its end (`ELOOP`) and
-    /// never blocking on a fifo put in its place.
+    /// `rel` open for reading, never through a link (`ELOOP`) and never
+    /// blocking on a fifo put in its place.
     fn open_read(&self, rel: &str) -> std::io::Result<fs::File> {
-        use rustix::fs::{Mode, OFlags};
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let file = match &self.dir {
-            Some(dir) => rustix::fs::openat(dir, rel, flags, Mode::empty()),
-            None => rustix::fs::open(self.path.join(rel), flags, Mode::empty()),
-        };
-        file.map(fs::File::from).map_err(std::io::Error::from)
+        super::open_read_below(self.dir.as_ref(), self.path, rel)
     }
 }
 
@@ -515,7 +506,8 @@ fn hash_one(root: &Root<'_>, job: &HashJob, out: &mut ScanOutcome) {
             return;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        // A link (or a fifo) took the file's place since the walk: looked at again.
+        // A link took the file's place (or a directory's on the way) since the
+        // walk: looked at again. (A fifo reads as too short, above.)
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
             out.unstable.push(rel.clone());
             return;
@@ -596,6 +588,13 @@ mod tests {
             }
         }
         assert_eq!(modified_of(&at.stat("a/old").unwrap()), Some(before));
+        // From the open root, not through a link on the way either.
+        std::os::unix::fs::symlink("a/b", root.join("c")).unwrap();
+        let on_the_way = at.open_read("c/f").unwrap_err();
+        assert_eq!(
+            on_the_way.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
         for r in [&at, &whole] {
             let link = r.open_read("a/b/l").unwrap_err();
             assert_eq!(
