@@ -291,11 +291,12 @@ pub async fn apply_batch(
 enum Work {
     Apply(Step),
     Stage(Record),
-    /// A small file's fetch whose request is already sent (see [`start_next`]):
-    /// what is left is to receive and write it.
+    /// A small file's fetch whose request was sent (see [`start_next`]): what
+    /// is left is to receive and write it, or to fail with why it could not be
+    /// sent.
     Requested {
         remote: Record,
-        answer: quinn::RecvStream,
+        answer: Result<quinn::RecvStream, transfer::TransferError>,
         started: Instant,
     },
 }
@@ -390,7 +391,7 @@ async fn run_work(
             remote,
             answer,
             started,
-        } => fetch_small_file(&engine, &peer, remote, Ok(answer), started, batch).await,
+        } => fetch_small_file(&engine, &peer, remote, answer, started, batch).await,
         Work::Stage(remote) => {
             let Source::Peer(conn) = source else {
                 return Err("only a peer's versions are staged".into());
@@ -516,18 +517,11 @@ async fn start_next(
             Source::Peer(conn),
         ) if remote.size <= transfer::SMALL_FILE => {
             let started = Instant::now();
-            match transfer::send_request(conn, &remote.path, remote.hash).await {
-                Ok(answer) => Work::Requested {
-                    remote,
-                    answer,
-                    started,
-                },
-                // The step runs as planned, and fails there with the reason
-                // (to be retried).
-                Err(_) => Work::Apply(Step::Fetch {
-                    remote,
-                    local_source: None,
-                }),
+            let answer = transfer::send_request(conn, &remote.path, remote.hash).await;
+            Work::Requested {
+                remote,
+                answer,
+                started,
             }
         }
         (step, _) => step,
@@ -830,9 +824,10 @@ async fn local_entry(engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, 
     }
 }
 
-/// A small file from the peer, whose request `answer` is the reply stream of
-/// (sent at `started`): received whole, checked, and written to a temp file that
-/// the chunk's install makes durable and renames into place.
+/// A small file from the peer, requested at `started` (`answer` is the reply
+/// stream, or why the request could not be sent): received whole, checked, and
+/// written to a temp file that the chunk's install makes durable and renames
+/// into place.
 async fn fetch_small_file(
     engine: &Arc<Engine>,
     peer: &str,
@@ -909,17 +904,8 @@ pub(super) async fn run_step(
                 ..Done::default()
             })
         }
-        Step::Fetch {
-            remote,
-            local_source: None,
-        } if remote.size <= transfer::SMALL_FILE && matches!(source, Source::Peer(_)) => {
-            let Source::Peer(conn) = &source else {
-                return Err("not from a peer".into());
-            };
-            let started = Instant::now();
-            let answer = transfer::send_request(conn, &remote.path, remote.hash).await;
-            fetch_small_file(&engine, &peer, remote, answer, started, batch).await
-        }
+        // A batch's small files from a peer are requested by `start_next` and
+        // never come here; one that does is installed whole below.
         Step::Fetch {
             remote,
             local_source,
