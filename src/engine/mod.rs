@@ -1062,6 +1062,50 @@ mod tests {
         (dir, root, engine)
     }
 
+    /// A rescan of a tree found exactly as indexed keeps each path as its index
+    /// position only: files (whose cached hash gives the position), directories
+    /// and links alike, and no entry is observed in full.
+    #[tokio::test]
+    async fn a_rescan_of_an_unchanged_tree_keeps_only_positions() {
+        let (_dir, root, engine) = fresh_engine();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for d in 0..3 {
+            std::fs::create_dir(root.join(format!("d{d}"))).unwrap();
+            for f in 0..5 {
+                let path = root.join(format!("d{d}/f{f}"));
+                std::fs::write(&path, format!("{d}/{f}")).unwrap();
+                // Older than the racy window, so its hash is trusted later.
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                file.set_modified(old).unwrap();
+            }
+        }
+        std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
+        assert_eq!(engine.scan(None).await.unwrap(), 19);
+        let mut list = Vec::new();
+        let store = engine.store.lock().unwrap();
+        store.each_entry(None, &mut |e| list.push(e)).unwrap();
+        drop(store);
+        let entries = Entries::new(list);
+        let ignore = engine.ignore.read().unwrap();
+        let installing = Mutex::default();
+        let ctx = Ctx {
+            entries: &entries,
+            ignore: &ignore,
+            installing: &installing,
+        };
+        let out = scan::scan(&root, None, &engine.excluded, &ctx).unwrap();
+        assert!(
+            out.entries.is_empty(),
+            "observed in full: {:?}",
+            out.entries
+        );
+        assert_eq!(out.hashed_files, 0);
+        let mut positions = out.unchanged.clone();
+        positions.sort_unstable();
+        assert_eq!(positions, (0..entries.len() as u32).collect::<Vec<_>>());
+        assert_eq!(entries.len(), 19);
+    }
+
     /// A scan that meets a path mid-install leaves it alone, and the path is looked
     /// at again as soon as the install lets go of it, with no further event.
     #[tokio::test]

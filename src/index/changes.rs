@@ -36,6 +36,7 @@ impl Entries {
             .ok()
     }
 
+    /// The entry at `position` (from [`Entries::position`]).
     pub fn at(&self, position: usize) -> Option<&Entry> {
         self.0.get(position)
     }
