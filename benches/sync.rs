@@ -90,6 +90,7 @@ async fn wait_caught_up(
     let mut installed = 0u64;
     let mut lost = false;
     let mut last_check = Instant::now();
+    let mut times: Vec<Duration> = Vec::new();
     while Instant::now() < deadline {
         let target = *want.borrow();
         let check = tokio::select! {
@@ -99,6 +100,7 @@ async fn wait_caught_up(
                         installed += 1;
                         last = since.elapsed();
                         first.get_or_insert(last);
+                        times.push(last);
                     }
                     target.is_some_and(|w| installed >= w.0)
                         || last_check.elapsed() > Duration::from_millis(500)
@@ -126,12 +128,30 @@ async fn wait_caught_up(
                         if lost { "; some events were lost" } else { "" }
                     );
                 }
+                if std::env::var_os("DIRSYNC_BENCH_TIMELINE").is_some() {
+                    print_timeline(&times);
+                }
                 return true;
             }
             last_check = Instant::now();
         }
     }
     false
+}
+
+/// With `DIRSYNC_BENCH_TIMELINE` set: how many files b installed in each 50 ms
+/// since both nodes started.
+fn print_timeline(times: &[Duration]) {
+    let mut buckets = vec![0usize; 1];
+    for t in times {
+        let i = (t.as_millis() / 50) as usize;
+        if buckets.len() <= i {
+            buckets.resize(i + 1, 0);
+        }
+        buckets[i] += 1;
+    }
+    let line: Vec<String> = buckets.iter().map(|n| n.to_string()).collect();
+    println!("  (files installed per 50 ms: {})", line.join(" "));
 }
 
 fn gen(what: &str, dir: &Path) {

@@ -96,10 +96,37 @@ pub(super) struct Done {
 
 /// A received small file waiting in its temp file for the batch's sync.
 pub(super) struct Pending {
-    tmp: PathBuf,
-    /// The temp file's stat once written, to recognise it after the rename.
+    temp: Temp,
+    /// The temp file's stat once written, to recognise it once in place.
     made: StatKey,
     target: Target,
+}
+
+/// A written temp file, not yet in place.
+pub(super) enum Temp {
+    /// Beside the target under a temp name, closed (found again by its name).
+    Named(PathBuf),
+    /// Unnamed in the target's directory, held open until linked into place.
+    Unnamed(super::unnamed::Unnamed),
+}
+
+impl Temp {
+    /// Removes the temp file (an unnamed one vanishes when closed).
+    fn discard(self) {
+        if let Temp::Named(path) = self {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Flushes the temp file's content to disk.
+    fn sync(&self) -> Result<(), String> {
+        match self {
+            Temp::Named(path) => File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Temp::Unnamed(u) => u.file().sync_all().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Plans and applies `records` from `peer`, then commits the results together with
@@ -614,11 +641,11 @@ async fn finish_pending(
     let placed = tokio::task::spawn_blocking(move || {
         let synced = sync_all_pending(&root, &pending);
         pending
-            .iter()
+            .into_iter()
             .map(|p| match &synced {
-                Ok(()) => p.target.place_synced(&p.tmp, p.made),
+                Ok(()) => p.target.place_synced(p.temp, p.made),
                 Err(e) => {
-                    let _ = fs::remove_file(&p.tmp);
+                    p.temp.discard();
                     Err(e.clone())
                 }
             })
@@ -652,12 +679,7 @@ fn sync_all_pending(root: &Path, pending: &[Pending]) -> Result<(), String> {
         let dir = File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
         return rustix::fs::syncfs(&dir).map_err(|e| format!("syncfs: {e}"));
     }
-    for p in pending {
-        File::open(&p.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| format!("{}: {e}", p.tmp.display()))?;
-    }
-    Ok(())
+    pending.iter().try_for_each(|p| p.temp.sync())
 }
 
 /// Fsyncs the touched directories, commits every update and the peer's progress in
@@ -850,7 +872,7 @@ async fn fetch_small_file(
         .run(move || {
             target
                 .write_unsynced(&bytes)
-                .map(|(tmp, made)| Pending { tmp, made, target })
+                .map(|(temp, made)| Pending { temp, made, target })
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -1720,8 +1742,17 @@ impl Target {
     }
 
     /// Writes `bytes` to a new temp file with mode and mtime set, not yet fsynced
-    /// (blocking). Returns the temp file's path.
-    fn write_unsynced(&self, bytes: &[u8]) -> Result<(PathBuf, StatKey), String> {
+    /// (blocking): unnamed if the path is new (see [`Target::create_unnamed`]).
+    fn write_unsynced(&self, bytes: &[u8]) -> Result<(Temp, StatKey), String> {
+        if let Some(mut u) = self.create_unnamed() {
+            let written = u
+                .file_mut()
+                .write_all(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|_| self.set_metadata(u.file()))
+                .and_then(|_| made(u.file()));
+            return written.map(|made| (Temp::Unnamed(u), made));
+        }
         let (tmp, mut file) = self.create_temp()?;
         let written = file
             .write_all(bytes)
@@ -1729,7 +1760,7 @@ impl Target {
             .and_then(|_| self.set_metadata(&file))
             .and_then(|_| made(&file));
         match written {
-            Ok(made) => Ok((tmp, made)),
+            Ok(made) => Ok((Temp::Named(tmp), made)),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(e)
@@ -1737,23 +1768,51 @@ impl Target {
         }
     }
 
-    /// Renames an already synced temp file over the target if the target is still
-    /// what the index says (blocking); the temp file is removed on failure.
+    /// Puts an already synced temp file in place if the target is still what the
+    /// index says (blocking): a named one is renamed over it, an unnamed one
+    /// linked at the (new) path. The temp file is gone on failure.
     ///
     /// Returns the installed file's stat if the file at the path is provably the
-    /// one written (`made`: same inode, size and mtime; the rename moved only its
-    /// ctime), `None` if a local write reached it right after the rename: then it
+    /// one written (`made`: same inode, size and mtime; the rename or link moved
+    /// only its ctime), `None` if a local write reached it right after: then it
     /// must be rescanned, not remembered as our write (which would mask that edit).
-    fn place_synced(&self, tmp: &Path, made: StatKey) -> Result<Option<StatKey>, String> {
+    fn place_synced(&self, temp: Temp, made: StatKey) -> Result<Option<StatKey>, String> {
         let abs = self.rel.to_path(&self.root);
-        let temp = (self.root.as_path(), &self.rel, self.node.as_str());
         let dir = self.root_dir.as_deref();
-        let root = dir.map(|d| (d, self.root.as_path()));
-        install_over(root, tmp, &abs, self.local.as_ref(), Some(temp))?;
+        match (temp, dir) {
+            (Temp::Unnamed(u), Some(root)) => match u.link(root, self.rel.as_str()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(changed_locally(&abs))
+                }
+                Err(e) => return Err(format!("installing {}: {e}", abs.display())),
+            },
+            (Temp::Unnamed(_), None) => {
+                return Err(format!(
+                    "installing {}: the root is not open",
+                    abs.display()
+                ))
+            }
+            (Temp::Named(tmp), _) => {
+                let temp = (self.root.as_path(), &self.rel, self.node.as_str());
+                let root = dir.map(|d| (d, self.root.as_path()));
+                install_over(root, &tmp, &abs, self.local.as_ref(), Some(temp))?;
+            }
+        }
         let now = crate::index::lstat_below(dir, &self.root, self.rel.as_str())
             .map(|st| StatKey::of_stat(&st))
             .map_err(|e| format!("{}: {e}", abs.display()))?;
         Ok(renamed(Some(&made), &now).then_some(now))
+    }
+
+    /// An unnamed temp file in the target's directory, if the target's path holds
+    /// nothing indexed (see [`super::unnamed`]); `None` where one cannot be made.
+    fn create_unnamed(&self) -> Option<super::unnamed::Unnamed> {
+        if self.local.as_ref().is_some_and(|e| !e.record.deleted) {
+            return None;
+        }
+        let parent = Path::new(self.rel.as_str()).parent()?;
+        super::unnamed::create(self.root_dir.as_deref()?, parent, self.mode)
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -1790,17 +1849,25 @@ impl Target {
 
     /// Writes `content` to a temp file and places it (blocking).
     fn write(self, content: Ready) -> Result<(Option<StatKey>, u64), String> {
-        let (tmp, mut file) = self.create_temp()?;
-        let written = match content {
+        let fill = |file: &mut File| match &content {
             Ready::Copy(src) => {
-                transfer::copy_local(&src, self.hash, &mut file).map_err(|e| e.to_string())
+                transfer::copy_local(src, self.hash, file).map_err(|e| e.to_string())
             }
             Ready::Bytes(bytes) => file
-                .write_all(&bytes)
+                .write_all(bytes)
                 .map(|_| bytes.len() as u64)
                 .map_err(|e| e.to_string()),
         };
-        match written {
+        if let Some(mut u) = self.create_unnamed() {
+            let n = fill(u.file_mut())?;
+            let synced = self
+                .set_metadata(u.file())
+                .and_then(|_| u.file().sync_all().map_err(|e| e.to_string()))
+                .and_then(|_| made(u.file()))?;
+            return self.place_synced(Temp::Unnamed(u), synced).map(|s| (s, n));
+        }
+        let (tmp, mut file) = self.create_temp()?;
+        match fill(&mut file) {
             Ok(n) => self.place(&tmp, file).map(|stat| (stat, n)),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -1818,7 +1885,7 @@ impl Target {
             .and_then(|_| file.sync_all().map_err(|e| e.to_string()))
             .and_then(|_| made(&file));
         match synced {
-            Ok(made) => self.place_synced(tmp, made),
+            Ok(made) => self.place_synced(Temp::Named(tmp.to_path_buf()), made),
             Err(e) => {
                 let _ = fs::remove_file(tmp);
                 Err(e)
@@ -2058,29 +2125,58 @@ mod tests {
         }
     }
 
-    /// A new file is renamed into place only if nothing took its name meanwhile:
-    /// what appeared there is kept, and the temp file is gone.
+    /// A new file is put in place only if nothing took its name meanwhile: what
+    /// appeared there is kept, and no temp file is left. Both ways: a named temp
+    /// file renamed (no open root) and an unnamed one linked (the open root).
     #[test]
     fn a_new_file_never_replaces_what_appeared_at_its_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = target(dir.path(), "f.txt");
-        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
-        std::fs::write(dir.path().join("f.txt"), b"made here meanwhile").unwrap();
-        let err = t.place_synced(&tmp, made).unwrap_err();
-        assert!(err.contains("changed locally"), "{err}");
-        assert_eq!(
-            std::fs::read(dir.path().join("f.txt")).unwrap(),
-            b"made here meanwhile"
-        );
-        assert!(!tmp.exists(), "the temp file is removed");
+        for open in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let root_dir = open.then(|| {
+                let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
+                Arc::new(rustix::fs::open(dir.path(), flags, rustix::fs::Mode::empty()).unwrap())
+            });
+            let at = |path: &str| Target {
+                root_dir: root_dir.clone(),
+                ..target(dir.path(), path)
+            };
+            let names = || {
+                let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
+                names.sort();
+                names
+            };
+            let t = at("f.txt");
+            let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
+            let unnamed_here = root_dir
+                .as_deref()
+                .is_some_and(|r| super::super::unnamed::create(r, Path::new(""), 0o600).is_some());
+            if open && !unnamed_here {
+                eprintln!(
+                    "no O_TMPFILE on {}: named temp files only",
+                    dir.path().display()
+                );
+            }
+            assert_eq!(matches!(tmp, Temp::Unnamed(_)), unnamed_here);
+            std::fs::write(dir.path().join("f.txt"), b"made here meanwhile").unwrap();
+            let err = t.place_synced(tmp, made).unwrap_err();
+            assert!(err.contains("changed locally"), "{err}");
+            assert_eq!(
+                std::fs::read(dir.path().join("f.txt")).unwrap(),
+                b"made here meanwhile"
+            );
+            assert_eq!(names(), ["f.txt"], "the temp file is gone");
 
-        let t = target(dir.path(), "g.txt");
-        let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
-        let stat = t.place_synced(&tmp, made).unwrap();
-        let placed = dir.path().join("g.txt");
-        assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
-        assert_eq!(stat, Some(StatKey::of(&placed.symlink_metadata().unwrap())));
-        assert!(!tmp.exists());
+            let t = at("g.txt");
+            let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
+            let stat = t.place_synced(tmp, made).unwrap();
+            let placed = dir.path().join("g.txt");
+            assert_eq!(std::fs::read(&placed).unwrap(), b"theirs");
+            assert_eq!(stat, Some(StatKey::of(&placed.symlink_metadata().unwrap())));
+            assert_eq!(names(), ["f.txt", "g.txt"]);
+        }
     }
 
     /// `f.txt` on disk and indexed (with its stat), and a target replacing it.
@@ -2193,7 +2289,7 @@ mod tests {
             let t = indexed(dir.path(), b"mine");
             let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
             race(edit, None);
-            let placed = t.place_synced(&tmp, made);
+            let placed = t.place_synced(tmp, made);
             match what {
                 "no race" => assert!(placed.is_ok(), "{placed:?}"),
                 _ => assert_changed_locally(placed, what),
@@ -2230,7 +2326,7 @@ mod tests {
         let t = indexed(dir.path(), b"mine");
         let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
         race(|_| {}, Some(|abs| std::fs::write(abs, IN_PLACE).unwrap()));
-        assert_eq!(t.place_synced(&tmp, made), Ok(None));
+        assert_eq!(t.place_synced(tmp, made), Ok(None));
         assert_left(dir.path(), Some(IN_PLACE), "written after the install");
     }
 
@@ -2258,7 +2354,7 @@ mod tests {
         let t = indexed(dir.path(), b"mine");
         let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
         race(first, Some(atomic_save));
-        assert_changed_locally(t.place_synced(&tmp, made), "replace");
+        assert_changed_locally(t.place_synced(tmp, made), "replace");
         kept(dir.path(), b"first local write", SAVED);
 
         let dir = tempfile::tempdir().unwrap();

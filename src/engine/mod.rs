@@ -20,6 +20,7 @@ pub mod io_queue;
 pub mod locks;
 pub mod session;
 pub mod transfer;
+mod unnamed;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
