@@ -495,11 +495,16 @@ fn hash_one(root: &Root<'_>, job: &HashJob, out: &mut ScanOutcome) {
     let (rel, stat) = (&job.rel, job.stat);
     let started = SystemTime::now();
     // Exactly the size that was stat'ed, so size and hash always describe the same
-    // bytes, even if the file grows meanwhile.
-    let hash = match root
-        .open_read(rel)
-        .and_then(|f| ContentHash::of_reader_prefix(f, stat.size))
-    {
+    // bytes, even if the file grows meanwhile. The status after the read is the
+    // open file's own: if it is the walk's, the bytes hashed are that file's,
+    // unchanged while read (a file put at the path later is a later change, which
+    // the watcher or the next scan sees by its other inode).
+    let hashed = root.open_read(rel).and_then(|f| {
+        let hash = ContentHash::of_reader_prefix(&f, stat.size)?;
+        let after = rustix::fs::fstat(&f).map(|st| StatKey::of_stat(&st));
+        Ok(hash.map(|h| (h, after.ok())))
+    });
+    let (hash, after) = match hashed {
         Ok(Some(h)) => h,
         Ok(None) => {
             out.unstable.push(rel.clone());
@@ -519,7 +524,6 @@ fn hash_one(root: &Root<'_>, job: &HashJob, out: &mut ScanOutcome) {
     };
     out.hashed_files += 1;
     out.hashed_bytes += stat.size;
-    let after = root.stat(rel).ok().map(|m| StatKey::of_stat(&m));
     let racy = job
         .mtime
         .map(|m| {
