@@ -172,7 +172,13 @@ fn gen(what: &str, dir: &Path) {
 
 /// CPU time (user + system) this process has used so far, from /proc (Linux).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu("self", false)
+}
+
+/// CPU seconds of process `pid` from `/proc/PID/stat`: its own, or with
+/// `children` that of its children it has waited for.
+fn proc_cpu(pid: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start at state.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -182,8 +188,10 @@ fn cpu_seconds() -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the state.
-    (ticks(11) + ticks(12)) / 100.0
+    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the
+    // state; cutime and cstime the next two.
+    let at = if children { 13 } else { 11 };
+    (ticks(at) + ticks(at + 1)) / 100.0
 }
 
 fn time_cmd(cmd: &mut Command) -> Option<Duration> {
@@ -192,30 +200,60 @@ fn time_cmd(cmd: &mut Command) -> Option<Duration> {
     ok.then(|| t.elapsed())
 }
 
-/// rsync daemon on loopback serving `src`; copies it into `dst`. Returns the
-/// time and, where `/usr/bin/time` is installed, the peak RSS (KiB) of the
-/// receiving client process.
-fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<(Duration, Option<u64>)> {
+/// What one rsync run took.
+struct RsyncRun {
+    took: Duration,
+    /// Peak RSS (KiB) of the receiving client process.
+    rss_kib: Option<u64>,
+    /// CPU seconds of all its processes: the client (with the receiver it forks)
+    /// and the daemon's sender.
+    cpu: Option<f64>,
+}
+
+/// rsync daemon on loopback serving `src`; copies it into `dst`. The peak RSS
+/// and the CPU time need `/usr/bin/time`.
+fn rsync_time(src: &Path, dst: &Path, work: &Path) -> Option<RsyncRun> {
     let daemon = RsyncDaemon::start(src, work)?;
     let url = format!("rsync://127.0.0.1:{}/w/", daemon.port);
     let gnu_time = Path::new("/usr/bin/time");
     if !gnu_time.exists() {
         let took = time_cmd(Command::new("rsync").arg("-a").arg(&url).arg(dst))?;
-        return Some((took, None));
+        return Some(RsyncRun {
+            took,
+            rss_kib: None,
+            cpu: None,
+        });
     }
-    let rss = work.join("rsync-rss");
+    let daemon_pid = daemon.child.id().to_string();
+    let sender_before = proc_cpu(&daemon_pid, true);
+    let out = work.join("rsync-usage");
     let took = time_cmd(
         Command::new(gnu_time)
-            .args(["-f", "%M", "-o"])
-            .arg(&rss)
+            .args(["-f", "%M %U %S", "-o"])
+            .arg(&out)
             .args(["rsync", "-a"])
             .arg(&url)
             .arg(dst),
     )?;
-    let kib = std::fs::read_to_string(&rss)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    Some((took, kib))
+    // The daemon reaps its sender for this connection as the client ends.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut sender = proc_cpu(&daemon_pid, true) - sender_before;
+    while sender <= 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        sender = proc_cpu(&daemon_pid, true) - sender_before;
+    }
+    let usage = std::fs::read_to_string(&out).unwrap_or_default();
+    let fields: Vec<&str> = usage.split_whitespace().collect();
+    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let cpu = match (num(1), num(2)) {
+        (Some(u), Some(s)) => Some(u + s + sender),
+        _ => None,
+    };
+    Some(RsyncRun {
+        took,
+        rss_kib: num(0).map(|k| k as u64),
+        cpu,
+    })
 }
 
 /// A `/proc/self/status` figure in KiB (`VmRSS`, `VmHWM`); Linux.
@@ -477,16 +515,23 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
             ours.as_secs_f64() / cp.as_secs_f64()
         );
     }
-    if let Some((rs, rss)) = rs {
+    if let Some(rs) = rs {
         println!(
-            "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x){}",
-            rs.as_secs_f64(),
-            ours.as_secs_f64() / rs.as_secs_f64(),
-            rss.map(|k| format!(
-                "; its receiving client's peak RSS {:.1} MB",
-                k as f64 / 1024.0
-            ))
-            .unwrap_or_default()
+            "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x){}{}",
+            rs.took.as_secs_f64(),
+            ours.as_secs_f64() / rs.took.as_secs_f64(),
+            rs.cpu
+                .map(|c| format!(
+                    ", {c:.2} s of CPU for its processes (dirsync / rsync = {:.2}x)",
+                    cpu / c.max(0.01)
+                ))
+                .unwrap_or_default(),
+            rs.rss_kib
+                .map(|k| format!(
+                    "; its receiving client's peak RSS {:.1} MB",
+                    k as f64 / 1024.0
+                ))
+                .unwrap_or_default()
         );
     }
     if what == "many" {
