@@ -129,6 +129,37 @@ impl Temp {
     }
 }
 
+/// A temp file open for writing.
+enum OpenTemp {
+    Named(PathBuf, File),
+    Unnamed(super::unnamed::Unnamed),
+}
+
+impl OpenTemp {
+    fn file(&self) -> &File {
+        match self {
+            OpenTemp::Named(_, file) => file,
+            OpenTemp::Unnamed(u) => u.file(),
+        }
+    }
+
+    fn file_mut(&mut self) -> &mut File {
+        match self {
+            OpenTemp::Named(_, file) => file,
+            OpenTemp::Unnamed(u) => u.file_mut(),
+        }
+    }
+
+    /// Done writing: a named temp file is closed (it is found again by its
+    /// name), an unnamed one stays open (closing it would free it).
+    fn close(self) -> Temp {
+        match self {
+            OpenTemp::Named(path, _) => Temp::Named(path),
+            OpenTemp::Unnamed(u) => Temp::Unnamed(u),
+        }
+    }
+}
+
 /// Plans and applies `records` from `peer`, then commits the results together with
 /// the peer's progress: `progress` is `(index id, sequence)` to record unless a
 /// record of this batch fails, in which case progress stops just before it.
@@ -1624,20 +1655,24 @@ async fn install_file(
     let mut fetched = None;
     let (stat, bytes) = match content {
         Content::Stream(conn) => {
-            let (tmp, mut file) = target.create_temp()?;
+            let mut open = target.open_temp()?;
             let want = (remote.path.as_str(), remote.hash, remote.size);
-            let got =
-                transfer::fetch_with_base(&conn, &engine.name, want, base.as_deref(), &mut file)
-                    .await;
+            let got = transfer::fetch_with_base(
+                &conn,
+                &engine.name,
+                want,
+                base.as_deref(),
+                open.file_mut(),
+            )
+            .await;
             match got {
                 Ok(delta) => {
                     fetched = delta;
-                    let placed =
-                        tokio::task::spawn_blocking(move || target.place(&tmp, file)).await;
+                    let placed = tokio::task::spawn_blocking(move || target.place(open)).await;
                     (placed.map_err(|e| e.to_string())??, remote.size)
                 }
                 Err(e) => {
-                    let _ = fs::remove_file(&tmp);
+                    open.close().discard();
                     return Err(e.to_string());
                 }
             }
@@ -1742,30 +1777,32 @@ impl Target {
     }
 
     /// Writes `bytes` to a new temp file with mode and mtime set, not yet fsynced
-    /// (blocking): unnamed if the path is new (see [`Target::create_unnamed`]).
+    /// (blocking).
     fn write_unsynced(&self, bytes: &[u8]) -> Result<(Temp, StatKey), String> {
-        if let Some(mut u) = self.create_unnamed() {
-            let written = u
-                .file_mut()
-                .write_all(bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|_| self.set_metadata(u.file()))
-                .and_then(|_| made(u.file()));
-            return written.map(|made| (Temp::Unnamed(u), made));
-        }
-        let (tmp, mut file) = self.create_temp()?;
-        let written = file
+        let mut open = self.open_temp()?;
+        let written = open
+            .file_mut()
             .write_all(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|_| self.set_metadata(&file))
-            .and_then(|_| made(&file));
+            .and_then(|_| self.set_metadata(open.file()))
+            .and_then(|_| made(open.file()));
         match written {
-            Ok(made) => Ok((Temp::Named(tmp), made)),
+            Ok(made) => Ok((open.close(), made)),
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                open.close().discard();
                 Err(e)
             }
         }
+    }
+
+    /// A temp file for the target: unnamed if its path holds nothing indexed (see
+    /// [`Target::create_unnamed`]), else named beside it.
+    fn open_temp(&self) -> Result<OpenTemp, String> {
+        if let Some(u) = self.create_unnamed() {
+            return Ok(OpenTemp::Unnamed(u));
+        }
+        self.create_temp()
+            .map(|(path, file)| OpenTemp::Named(path, file))
     }
 
     /// Puts an already synced temp file in place if the target is still what the
@@ -1849,45 +1886,38 @@ impl Target {
 
     /// Writes `content` to a temp file and places it (blocking).
     fn write(self, content: Ready) -> Result<(Option<StatKey>, u64), String> {
-        let fill = |file: &mut File| match &content {
+        let mut open = self.open_temp()?;
+        let written = match content {
             Ready::Copy(src) => {
-                transfer::copy_local(src, self.hash, file).map_err(|e| e.to_string())
+                transfer::copy_local(&src, self.hash, open.file_mut()).map_err(|e| e.to_string())
             }
-            Ready::Bytes(bytes) => file
-                .write_all(bytes)
+            Ready::Bytes(bytes) => open
+                .file_mut()
+                .write_all(&bytes)
                 .map(|_| bytes.len() as u64)
                 .map_err(|e| e.to_string()),
         };
-        if let Some(mut u) = self.create_unnamed() {
-            let n = fill(u.file_mut())?;
-            let synced = self
-                .set_metadata(u.file())
-                .and_then(|_| u.file().sync_all().map_err(|e| e.to_string()))
-                .and_then(|_| made(u.file()))?;
-            return self.place_synced(Temp::Unnamed(u), synced).map(|s| (s, n));
-        }
-        let (tmp, mut file) = self.create_temp()?;
-        match fill(&mut file) {
-            Ok(n) => self.place(&tmp, file).map(|stat| (stat, n)),
+        match written {
+            Ok(n) => self.place(open).map(|stat| (stat, n)),
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                open.close().discard();
                 Err(e)
             }
         }
     }
 
-    /// Sets mode and mtime, fsyncs, and renames the temp file over the target if the
-    /// target is still what the index says (blocking). The temp file is removed on
-    /// any failure.
-    fn place(&self, tmp: &Path, file: File) -> Result<Option<StatKey>, String> {
+    /// Sets mode and mtime, fsyncs, and puts the temp file in place if the target
+    /// is still what the index says (blocking). The temp file is gone on any
+    /// failure.
+    fn place(&self, open: OpenTemp) -> Result<Option<StatKey>, String> {
         let synced = self
-            .set_metadata(&file)
-            .and_then(|_| file.sync_all().map_err(|e| e.to_string()))
-            .and_then(|_| made(&file));
+            .set_metadata(open.file())
+            .and_then(|_| open.file().sync_all().map_err(|e| e.to_string()))
+            .and_then(|_| made(open.file()));
         match synced {
-            Ok(made) => self.place_synced(Temp::Named(tmp.to_path_buf()), made),
+            Ok(made) => self.place_synced(open.close(), made),
             Err(e) => {
-                let _ = fs::remove_file(tmp);
+                open.close().discard();
                 Err(e)
             }
         }
