@@ -1816,21 +1816,15 @@ impl Target {
     fn place_synced(&self, temp: Temp, made: StatKey) -> Result<Option<StatKey>, String> {
         let abs = self.rel.to_path(&self.root);
         let dir = self.root_dir.as_deref();
-        match (temp, dir) {
-            (Temp::Unnamed(u), Some(root)) => match u.link(root, self.rel.as_str()) {
+        match temp {
+            Temp::Unnamed(u) => match u.link(self.rel.as_str()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     return Err(changed_locally(&abs))
                 }
                 Err(e) => return Err(format!("installing {}: {e}", abs.display())),
             },
-            (Temp::Unnamed(_), None) => {
-                return Err(format!(
-                    "installing {}: the root is not open",
-                    abs.display()
-                ))
-            }
-            (Temp::Named(tmp), _) => {
+            Temp::Named(tmp) => {
                 let temp = (self.root.as_path(), &self.rel, self.node.as_str());
                 let root = dir.map(|d| (d, self.root.as_path()));
                 install_over(root, &tmp, &abs, self.local.as_ref(), Some(temp))?;
@@ -1849,7 +1843,7 @@ impl Target {
             return None;
         }
         let parent = Path::new(self.rel.as_str()).parent()?;
-        super::unnamed::create(self.root_dir.as_deref()?, parent, self.mode)
+        super::unnamed::create(self.root_dir.as_ref()?, parent, self.mode)
     }
 
     /// Creates a temp file beside the target, with the target's mode (as far as
@@ -2162,10 +2156,7 @@ mod tests {
     fn a_new_file_never_replaces_what_appeared_at_its_path() {
         for open in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let root_dir = open.then(|| {
-                let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
-                Arc::new(rustix::fs::open(dir.path(), flags, rustix::fs::Mode::empty()).unwrap())
-            });
+            let root_dir = open.then(|| super::super::unnamed::tests::open_root(dir.path()));
             let at = |path: &str| Target {
                 root_dir: root_dir.clone(),
                 ..target(dir.path(), path)
@@ -2181,7 +2172,7 @@ mod tests {
             let t = at("f.txt");
             let (tmp, made) = t.write_unsynced(b"theirs").unwrap();
             let unnamed_here = root_dir
-                .as_deref()
+                .as_ref()
                 .is_some_and(|r| super::super::unnamed::create(r, Path::new(""), 0o600).is_some());
             if open && !unnamed_here {
                 eprintln!(

@@ -21,6 +21,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use rustix::io::Errno;
@@ -43,9 +44,11 @@ fn cap() -> usize {
     })
 }
 
-/// An unnamed file being written, in the directory it will be linked into.
+/// An unnamed file being written, in the directory it will be linked into, with
+/// the open root it was made below (and is linked below).
 pub(super) struct Unnamed {
     file: File,
+    root: Arc<OwnedFd>,
 }
 
 impl Drop for Unnamed {
@@ -58,7 +61,7 @@ impl Drop for Unnamed {
 /// `parent`, a directory below the open root `root` reached through no link.
 /// `None` if that cannot be done: the caller then uses a named temp file (which
 /// also creates missing parents and says precisely what is in the way).
-pub(super) fn create(root: &OwnedFd, parent: &Path, mode: u32) -> Option<Unnamed> {
+pub(super) fn create(root: &Arc<OwnedFd>, parent: &Path, mode: u32) -> Option<Unnamed> {
     if UNAVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
@@ -73,7 +76,10 @@ pub(super) fn create(root: &OwnedFd, parent: &Path, mode: u32) -> Option<Unnamed
     };
     let flags = OFlags::TMPFILE | OFlags::WRONLY;
     match crate::index::open_beneath(root, dir, flags, Mode::from_raw_mode(mode)) {
-        Ok(file) => Some(Unnamed { file }),
+        Ok(file) => Some(Unnamed {
+            file,
+            root: root.clone(),
+        }),
         Err(e) => {
             LIVE.fetch_sub(1, Ordering::Relaxed);
             // Not supported here (an old kernel opens the directory itself, and
@@ -98,12 +104,13 @@ impl Unnamed {
         &mut self.file
     }
 
-    /// Links the file at `rel` below the open root `root`; `AlreadyExists` if
+    /// Links the file at `rel` below the open root it was made below; `AlreadyExists` if
     /// something is there (which is kept). Through the descriptor itself
     /// (`AT_EMPTY_PATH`) or, where the kernel refuses that, through
     /// `/proc/self/fd`; if neither works while the parent directory exists, no
     /// further unnamed files are made.
-    pub(super) fn link(&self, root: &OwnedFd, rel: &str) -> std::io::Result<()> {
+    pub(super) fn link(&self, rel: &str) -> std::io::Result<()> {
+        let root = &*self.root;
         if !THROUGH_PROC.load(Ordering::Relaxed) {
             match rustix::fs::linkat(self.file.as_fd(), "", root, rel, AtFlags::EMPTY_PATH) {
                 Err(Errno::NOENT) => {}
@@ -133,17 +140,14 @@ impl Unnamed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::io::Write as _;
 
-    fn open_root(path: &Path) -> OwnedFd {
-        rustix::fs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .unwrap()
+    /// `path` open as a root directory.
+    pub(in crate::engine) fn open_root(path: &Path) -> Arc<OwnedFd> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        Arc::new(rustix::fs::open(path, flags, Mode::empty()).unwrap())
     }
 
     /// Written with no name, linked to its name: nothing else ever appears in the
@@ -163,7 +167,7 @@ mod tests {
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
             0
         );
-        u.link(&root, "sub/new.txt").unwrap();
+        u.link("sub/new.txt").unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("sub/new.txt")).unwrap(),
             b"theirs"
@@ -172,7 +176,7 @@ mod tests {
         std::fs::write(dir.path().join("taken.txt"), b"made here").unwrap();
         let mut u = create(&root, Path::new(""), 0o644).unwrap();
         u.file_mut().write_all(b"theirs").unwrap();
-        let e = u.link(&root, "taken.txt").unwrap_err();
+        let e = u.link("taken.txt").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(
             std::fs::read(dir.path().join("taken.txt")).unwrap(),
