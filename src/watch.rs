@@ -18,7 +18,7 @@
 //! Events are read on the runtime (no thread of their own), a buffer at a time.
 //!
 //! A directory this node creates while installing a batch from a peer is left
-//! unwatched until the batch is committed ([`Deferred`]): every file installed
+//! unwatched until the batch is committed, or has run for a second ([`Deferred`]): every file installed
 //! into it would otherwise queue six events (its temporary file created, written,
 //! changed, closed, renamed from and to), each one an echo of our own write, and
 //! on `gen.py small` watching cost ~15% of both nodes' CPU. Once released, the
@@ -102,7 +102,8 @@ pub struct WatchError {
 /// (their creation event is not followed) until the batch is committed.
 ///
 /// The engine holds a directory before creating it and releases it when the
-/// batch that made it ends ([`Unwatched`] does on drop, whatever the outcome).
+/// batch that made it ends ([`Unwatched`] does on drop, whatever the outcome),
+/// or sooner if the batch runs long ([`Unwatched::release_now`]).
 /// Released directories are then watched, below them too, and reported, so the
 /// engine scans each as a subtree: a local write made there while it was
 /// unwatched is found then (and a periodic full rescan finds it in any case).
@@ -195,6 +196,12 @@ impl Unwatched {
     /// Takes over what `other` holds (released together, when `self` drops).
     pub fn merge(&mut self, mut other: Unwatched) {
         self.rels.append(&mut other.rels);
+    }
+
+    /// Releases what is held now, without waiting for the drop; what is held
+    /// after this is released with the guard, as before.
+    pub fn release_now(&mut self) {
+        self.deferred.release(std::mem::take(&mut self.rels));
     }
 }
 

@@ -658,3 +658,43 @@ async fn a_new_tree_is_served_while_its_first_scan_runs() {
     let a = a_start.await.unwrap().expect("a starts");
     a.shutdown().await;
 }
+
+/// A directory made by a batch that runs long (here it waits for a large file on
+/// a slow link) is watched before the batch ends: a local write into it reaches
+/// the peer while the batch is still receiving, not once the batch is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_a_long_batch_made_is_watched_before_the_batch_ends() {
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let (a, relay, b) = env.pair_via_relay().await;
+    // 8 MiB at 256 KiB/s: the batch takes over 30 s, beyond `wait_content`'s 20.
+    relay.set_rate_from_target(Some(256 << 10));
+    // The directory and its file appear at once (renamed in): one batch.
+    let big = pseudo_random(8 << 20, 7);
+    let outside = env.dir("outside");
+    write(&outside, "made/big.bin", &big);
+    std::fs::rename(outside.join("made"), da.join("made")).unwrap();
+    wait_until("b made the directory", T, || db.join("made").is_dir()).await;
+    let client = env.client(&b).await;
+    let in_flight = || async { client.status().await.unwrap().transfers_in_flight };
+    let deadline = std::time::Instant::now() + T;
+    while in_flight().await == 0 {
+        assert!(std::time::Instant::now() < deadline, "no transfer started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Well into the batch: what b's own making of the directory set off (a look
+    // at it, once its mode is set) is over by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write(&db, "made/local.txt", b"written on b");
+    wait_content(&da, "made/local.txt", b"written on b").await;
+    let status = client.status().await.unwrap();
+    assert!(
+        status.transfers_in_flight >= 1 && !db.join("made/big.bin").exists(),
+        "the batch was still receiving: {status:?}"
+    );
+    relay.set_rate_from_target(None);
+    wait_content(&db, "made/big.bin", &big).await;
+    wait_same_trees(&[&da, &db], T).await;
+    b.shutdown().await;
+    a.shutdown().await;
+}

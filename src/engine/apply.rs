@@ -39,6 +39,12 @@ const PARALLEL_FETCHES: usize = 96;
 /// [`PARALLEL_FETCHES`] have ended, together (their requests share datagrams).
 const REFILL_FROM: usize = 16;
 
+/// A batch still running this long after it started has the directories it made
+/// watched from then on (see [`Batch::unwatched`]): a local write there is seen
+/// at once, not when the batch ends (hours, for a large tree on a slow link).
+/// Shorter batches, nearly all, never watch their own installs.
+const WATCH_MADE_DIRS_AFTER: Duration = Duration::from_secs(1);
+
 /// The index, as the pure planner sees it.
 pub(super) struct View<'a>(pub(super) &'a Store);
 
@@ -263,6 +269,8 @@ pub async fn apply_batch(
             },
         }
     }
+    let watch_made_dirs = tokio::time::sleep(WATCH_MADE_DIRS_AFTER);
+    tokio::pin!(watch_made_dirs);
     let source = Source::Peer(conn.clone());
     run_in_order(
         engine,
@@ -294,8 +302,14 @@ pub async fn apply_batch(
     // Chunks install one at a time, in order.
     let mut waiting = 0;
     let mut installing: Option<std::pin::Pin<Box<ChunkInstall<'_>>>> = None;
+    let mut made_dirs_watched = false;
     loop {
         tokio::select! {
+            // Only while there is work left: otherwise the loop ends at once.
+            _ = &mut watch_made_dirs, if !made_dirs_watched && (installing.is_some() || !parallel.is_empty()) => {
+                made_dirs_watched = true;
+                by_path.watch_made_dirs();
+            }
             installed = async { installing.as_mut().expect("guarded").as_mut().await }, if installing.is_some() => {
                 installing = None;
                 applied.failed.extend(installed?);
@@ -838,11 +852,20 @@ pub(super) struct Batch {
     pub(super) records: HashMap<String, Record>,
     pub(super) planned: HashMap<String, Option<Entry>>,
     /// Directories this batch created, unwatched until it is done (see
-    /// [`crate::watch::Deferred`]); released when the batch is dropped.
+    /// [`crate::watch::Deferred`]) or has run for [`WATCH_MADE_DIRS_AFTER`];
+    /// released when the batch is dropped.
     pub(super) unwatched: Mutex<Unwatched>,
 }
 
 impl Batch {
+    /// Watches (and has the engine scan) the directories this batch made so far.
+    fn watch_made_dirs(&self) {
+        self.unwatched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_now();
+    }
+
     /// The local entry of `path` the plan was made from (the path is claimed, so it
     /// is still the index's), or the index's for a path outside the batch.
     async fn entry(&self, engine: &Arc<Engine>, path: &str) -> Result<Option<Entry>, String> {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,10 +144,13 @@ pub fn free_port() -> SocketAddr {
 }
 
 /// A user-space UDP relay between one client and `target`, that can drop all
-/// packets (a partition) while `cut` is set.
+/// packets (a partition) while `cut` is set, and police what `target` sends to a
+/// rate (a slow link: what goes over it is dropped, as a policer does).
 pub struct Relay {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Bytes per second from `target` to the client; 0: unlimited.
+    rate: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -158,9 +161,26 @@ impl Relay {
         back.connect(target).await.unwrap();
         let addr = front.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
+        let rate = Arc::new(AtomicU64::new(0));
+        let (c, limit) = (cut.clone(), rate.clone());
         let task = tokio::spawn(async move {
             let mut client: Option<SocketAddr> = None;
+            // A token bucket of at most 16 KiB, filled at `rate`.
+            let (mut tokens, mut filled) = (0f64, Instant::now());
+            let mut within_rate = |n: usize| {
+                let rate = limit.load(Ordering::SeqCst) as f64;
+                if rate == 0.0 {
+                    return true;
+                }
+                let now = Instant::now();
+                tokens = (tokens + rate * (now - filled).as_secs_f64()).min(16384.0);
+                filled = now;
+                let fits = tokens >= n as f64;
+                if fits {
+                    tokens -= n as f64;
+                }
+                fits
+            };
             let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
             loop {
                 tokio::select! {
@@ -172,17 +192,31 @@ impl Relay {
                     r = back.recv(&mut b2) => {
                         let Ok(n) = r else { continue };
                         if let (Some(to), false) = (client, c.load(Ordering::SeqCst)) {
+                            if !within_rate(n) {
+                                continue;
+                            }
                             let _ = front.send_to(&b2[..n], to).await;
                         }
                     }
                 }
             }
         });
-        Relay { addr, cut, task }
+        Relay {
+            addr,
+            cut,
+            rate,
+            task,
+        }
     }
 
     pub fn set_cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::SeqCst);
+    }
+
+    /// Polices what the target sends to `bytes_per_second` (`None`: no limit).
+    pub fn set_rate_from_target(&self, bytes_per_second: Option<u64>) {
+        self.rate
+            .store(bytes_per_second.unwrap_or(0), Ordering::SeqCst);
     }
 }
 
