@@ -212,7 +212,8 @@ pub async fn apply_batch(
     let (plan, planned) = engine
         .with_store(move |s| {
             s.read(|s| {
-                let mut planned: HashMap<String, Option<Entry>> = HashMap::new();
+                let mut planned: HashMap<String, Option<Entry>> =
+                    HashMap::with_capacity(records.len());
                 for r in &records {
                     planned.insert(r.path.clone(), s.get(&r.path)?);
                 }
