@@ -584,6 +584,66 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
     a.shutdown().await;
 }
 
+/// Cutting one 256 MiB file into blocks, as both sides of a delta do: dirsync's
+/// cutter against FastCDC's own streaming chunker (same cut points, checked),
+/// each hashing its blocks, interleaved over a few rounds; CPU time of this
+/// thread, which is steadier than wall time on a shared machine.
+fn cut(bench: &Bench) {
+    use dirsync::engine::delta;
+    let size: u64 = 256 << 20;
+    let path = bench.dir("cut").join("file.bin");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&path, &bytes).expect("cut file");
+    drop(bytes);
+    let avg = delta::avg_for(size).expect("an average") as usize;
+    let thread_cpu = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let f = std::fs::File::open(&path).expect("open");
+        let t = thread_cpu();
+        let a = delta::cut(&f, size, avg as u32).expect("cut");
+        ours.push(thread_cpu() - t);
+        let f = std::fs::File::open(&path).expect("open");
+        let t = thread_cpu();
+        let b: Vec<(u64, dirsync::wire::Block)> =
+            fastcdc::v2020::StreamCDC::new(f, avg / 4, avg, avg * 4)
+                .map(|c| {
+                    let c = c.expect("chunk");
+                    let hash = dirsync::hash::ContentHash::of(&c.data);
+                    let block = dirsync::wire::Block {
+                        len: c.length as u32,
+                        hash,
+                    };
+                    (c.offset, block)
+                })
+                .collect();
+        theirs.push(thread_cpu() - t);
+        assert_eq!(a, b, "the same blocks");
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(f64::MAX, f64::min);
+    let mbps = |s: f64| size as f64 / 1e6 / s;
+    println!(
+        "cut: 256 MiB into {} KiB blocks (best of 3, CPU): dirsync {:.3} s ({:.0} MB/s); FastCDC's StreamCDC {:.3} s ({:.0} MB/s); dirsync / StreamCDC = {:.2}x",
+        avg >> 10,
+        best(&ours),
+        mbps(best(&ours)),
+        best(&theirs),
+        mbps(best(&theirs)),
+        best(&ours) / best(&theirs)
+    );
+}
+
 fn main() {
     // As the binaries do, before the runtime starts its threads.
     dirsync::memory::limit_arenas();
@@ -612,6 +672,9 @@ fn main() {
         }
         if want("delta") {
             delta(&bench).await;
+        }
+        if want("cut") {
+            cut(&bench);
         }
         // Long (100,000 files are generated first): only when asked for.
         if args.iter().any(|a| a == "scale") {

@@ -60,26 +60,78 @@ pub type Blocks = Vec<(u64, Block)>;
 
 /// Cuts the first `size` bytes of `file` (read from its current position) into
 /// blocks of average `avg`, each with its offset. Fewer than `size` bytes there
-/// give fewer blocks (the receiver's whole-file check catches that). Memory is
-/// bounded by the largest block.
+/// give fewer blocks (the receiver's whole-file check catches that).
+///
+/// The cut points are FastCDC's (normalization level 1, the default gear
+/// table), the same as its streaming chunker finds; but the file is read many
+/// blocks at a time into one buffer and each block is hashed where it lies. The
+/// streaming chunker reads one block's worth at a time, copies each block out
+/// and moves the rest of its buffer down after each: three times a block's
+/// bytes moved per block, about a quarter of a cut's time. Memory is bounded by
+/// [`cut_buffer`] (at most 32 MiB, for the largest blocks).
 pub fn cut(file: &File, size: u64, avg: u32) -> std::io::Result<Blocks> {
+    use fastcdc::v2020::{select_masks, Normalization};
     let avg = avg as usize;
-    let chunker = fastcdc::v2020::StreamCDC::new(file.take(size), avg / 4, avg, avg * 4);
+    let (min, max) = (avg / 4, avg * 4);
+    let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
+    let mut source = file.take(size);
+    let mut buf = vec![0u8; cut_buffer(max)];
+    // The bytes not yet cut are `buf[start..end]`; `offset` is where `start` is
+    // in the file.
+    let (mut start, mut end, mut offset) = (0usize, 0usize, 0u64);
+    let mut eof = false;
     let mut blocks = Vec::new();
-    for chunk in chunker {
-        let chunk = chunk.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(e) => e,
-            other => std::io::Error::other(other.to_string()),
-        })?;
+    loop {
+        // A cut looks at most `max` bytes ahead: with fewer left, read more
+        // first, so every cut sees what the streaming chunker would.
+        if !eof && end - start < max {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            while !eof && end < buf.len() {
+                match source.read(&mut buf[end..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => end += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if start == end {
+            return Ok(blocks);
+        }
+        let ahead = &buf[start..start + (end - start).min(max)];
+        let (_, len) = fastcdc::v2020::cut(
+            ahead,
+            min,
+            avg,
+            max,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        if len == 0 {
+            // Never for bytes that are there; ending here keeps the loop finite.
+            return Ok(blocks);
+        }
         blocks.push((
-            chunk.offset,
+            offset,
             Block {
-                len: chunk.length as u32,
-                hash: ContentHash::of(&chunk.data),
+                len: len as u32,
+                hash: ContentHash::of(&ahead[..len]),
             },
         ));
+        start += len;
+        offset += len as u64;
     }
-    Ok(blocks)
+}
+
+/// The buffer [`cut`] reads into for blocks of at most `max` bytes: eight of
+/// the largest blocks (2 MiB for the usual 64 KiB average), at most 32 MiB, and
+/// never less than one block.
+fn cut_buffer(max: usize) -> usize {
+    max.saturating_mul(8).min(32 << 20).max(max)
 }
 
 /// Checks a peer's block list for a file of `size` bytes.
@@ -236,6 +288,57 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let f = File::open(&p).unwrap();
         (dir, f)
+    }
+
+    /// The cut points and block hashes are exactly those of FastCDC's own
+    /// streaming chunker with the same sizes, whatever the file's length is
+    /// against the buffer, and for a file read from a position other than its
+    /// start.
+    #[test]
+    fn cuts_where_the_streaming_chunker_does() {
+        use std::io::{Seek, SeekFrom};
+        let streamed = |bytes: &[u8], avg: u32| -> Vec<(u64, Block)> {
+            let avg = avg as usize;
+            fastcdc::v2020::StreamCDC::new(bytes, avg / 4, avg, avg * 4)
+                .map(|c| {
+                    let c = c.unwrap();
+                    let block = Block {
+                        len: c.length as u32,
+                        hash: ContentHash::of(&c.data),
+                    };
+                    (c.offset, block)
+                })
+                .collect()
+        };
+        let buffer = cut_buffer(4 * MIN_AVG as usize);
+        let data = pseudo_random(3 * buffer + 12_345, 11);
+        for len in [
+            0,
+            10,
+            16_383,
+            70_000,
+            buffer - 1,
+            buffer,
+            buffer + 1,
+            data.len(),
+        ] {
+            let bytes = &data[..len];
+            assert_eq!(
+                cut_bytes(bytes, MIN_AVG),
+                streamed(bytes, MIN_AVG),
+                "{len} bytes"
+            );
+        }
+        // Long runs of one byte cut at the largest block size.
+        let flat = vec![7u8; buffer + 300_000];
+        assert_eq!(cut_bytes(&flat, MIN_AVG), streamed(&flat, MIN_AVG));
+        let big_avg = 4 * MIN_AVG;
+        assert_eq!(cut_bytes(&data, big_avg), streamed(&data, big_avg));
+        // From the current position, and no further than `size`.
+        let (_dir, mut f) = file_of(&data);
+        f.seek(SeekFrom::Start(1000)).unwrap();
+        let blocks = cut(&f, 500_000, MIN_AVG).unwrap();
+        assert_eq!(blocks, streamed(&data[1000..501_000], MIN_AVG));
     }
 
     fn cut_bytes(bytes: &[u8], avg: u32) -> Vec<(u64, Block)> {
