@@ -16,12 +16,19 @@
 //! descriptor limit), beyond which [`create`] says `None` and the caller uses a
 //! named temp file. It says `None` too where the file system or the kernel lacks
 //! `O_TMPFILE`, or where neither way of linking works (see [`Unnamed::link`]).
+//!
+//! The kernel names an unnamed file `#<inode>` in the events it queues for its
+//! directory's watch (its write, its mode and times set, its close). The inode
+//! numbers of the latest ones made here are remembered, so that the engine drops
+//! such a path at once ([`is_placeholder`]) instead of looking up, in the index
+//! and on disk, a name that never exists.
 
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use rustix::io::Errno;
@@ -33,6 +40,59 @@ static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 /// Set once `linkat(AT_EMPTY_PATH)` was refused (before Linux 6.10 it needs
 /// `CAP_DAC_READ_SEARCH`): linked through `/proc/self/fd` from then on.
 static THROUGH_PROC: AtomicBool = AtomicBool::new(false);
+
+/// Inode numbers of the latest unnamed files made, oldest first: at most
+/// [`RECENT_MAX`] (about 100 KiB), far more than are written between a write and
+/// the scan its event leads to.
+static RECENT: Mutex<Recent> = Mutex::new(Recent {
+    inodes: None,
+    order: VecDeque::new(),
+});
+const RECENT_MAX: usize = 4096;
+
+struct Recent {
+    inodes: Option<HashSet<u64>>,
+    order: VecDeque<u64>,
+}
+
+fn remember(ino: u64) {
+    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    let Recent { inodes, order } = &mut *recent;
+    let inodes = inodes.get_or_insert_with(HashSet::new);
+    if inodes.insert(ino) {
+        order.push_back(ino);
+        if order.len() > RECENT_MAX {
+            if let Some(old) = order.pop_front() {
+                inodes.remove(&old);
+            }
+        }
+    }
+}
+
+/// Whether `path` ends in the placeholder name `#<inode>` of an unnamed file made
+/// here lately: the name of no file (see the module's documentation).
+pub(super) fn is_placeholder(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let Some(digits) = name.strip_prefix('#') else {
+        return false;
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    // Exactly as the kernel writes it: no sign, no leading zero.
+    let Ok(ino) = digits.parse::<u64>() else {
+        return false;
+    };
+    if ino.to_string() != digits {
+        return false;
+    }
+    RECENT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .inodes
+        .as_ref()
+        .is_some_and(|i| i.contains(&ino))
+}
 
 /// How many unnamed files may wait at once: a quarter of the soft descriptor
 /// limit, at most 4096.
@@ -76,10 +136,15 @@ pub(super) fn create(root: &Arc<OwnedFd>, parent: &Path, mode: u32) -> Option<Un
     };
     let flags = OFlags::TMPFILE | OFlags::WRONLY;
     match crate::index::open_beneath(root, dir, flags, Mode::from_raw_mode(mode)) {
-        Ok(file) => Some(Unnamed {
-            file,
-            root: root.clone(),
-        }),
+        Ok(file) => {
+            if let Ok(st) = rustix::fs::fstat(&file) {
+                remember(st.st_ino);
+            }
+            Some(Unnamed {
+                file,
+                root: root.clone(),
+            })
+        }
         Err(e) => {
             LIVE.fetch_sub(1, Ordering::Relaxed);
             // Not supported here (an old kernel opens the directory itself, and
@@ -148,6 +213,54 @@ pub(super) mod tests {
     pub(in crate::engine) fn open_root(path: &Path) -> Arc<OwnedFd> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         Arc::new(rustix::fs::open(path, flags, Mode::empty()).unwrap())
+    }
+
+    /// The watcher hears of an unnamed file's write, mode and close under
+    /// `#<inode>`: each such name is known as a placeholder of ours, and no
+    /// other name is.
+    #[tokio::test]
+    async fn the_name_the_watcher_hears_for_an_unnamed_file_is_a_known_placeholder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap();
+        let deferred = Arc::new(crate::watch::Deferred::default());
+        let config = crate::watch::WatchConfig::default();
+        let (_watcher, mut batches) =
+            crate::watch::Watcher::start(&path, config, deferred).unwrap();
+        let root = open_root(&path);
+        let Some(mut u) = create(&root, Path::new(""), 0o644) else {
+            eprintln!("skipped: no O_TMPFILE on {}", path.display());
+            return;
+        };
+        u.file_mut().write_all(b"theirs").unwrap();
+        u.file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        u.link("named.txt").unwrap();
+        drop(u);
+        std::fs::write(path.join("marker"), b"after the close").unwrap();
+        let mut heard = std::collections::BTreeSet::new();
+        while !heard.contains("marker") {
+            let batch = tokio::time::timeout(std::time::Duration::from_secs(10), batches.recv())
+                .await
+                .expect("events within 10 s")
+                .expect("the watcher runs");
+            heard.extend(batch.paths);
+        }
+        let placeholders: Vec<&String> = heard.iter().filter(|p| p.starts_with('#')).collect();
+        assert!(!placeholders.is_empty(), "heard {heard:?}");
+        assert!(
+            placeholders.iter().all(|p| is_placeholder(p)),
+            "heard {heard:?}"
+        );
+        for other in ["named.txt", "marker", "#", "#x1", "#+1", "d/#", "#1#"] {
+            assert!(!is_placeholder(other), "{other}");
+        }
+        let ino = placeholders[0].trim_start_matches('#');
+        assert!(is_placeholder(&format!("sub/dir/#{ino}")));
+        assert!(
+            !is_placeholder(&format!("#0{ino}")),
+            "not the kernel's spelling"
+        );
     }
 
     /// Written with no name, linked to its name: nothing else ever appears in the
