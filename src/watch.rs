@@ -8,6 +8,15 @@
 //! moved-in directory is reported itself, and the engine scans it as a subtree, which
 //! also covers files created in it before its watch was in place.
 //!
+//! A file that is created or written to but not yet closed after writing is still
+//! being written: it is held back ([`Tree::writing`]) until its close, its rename
+//! or its deletion, or until it has been quiet for [`SETTLE`] (a hard link, or a
+//! writer that keeps it open), or at most [`WRITING_AT_MOST`] after its first write
+//! (a log appended to forever). So a file written slowly (a large copy, a
+//! download, an archive being packed) is not announced half-written every time its
+//! writer pauses, and an editor's or a tool's temporary file that is renamed over
+//! the real one is never announced at all, however long its writing took.
+//!
 //! This talks to inotify directly (through the `inotify` crate, which is also what
 //! `notify` uses on Linux) for three reasons measured on bulk transfers: `notify` 8
 //! always asks for `IN_OPEN`, so every file this node reads (hashing, serving a
@@ -61,6 +70,11 @@ fn mask() -> WatchMask {
         | WatchMask::ONLYDIR
         | WatchMask::EXCL_UNLINK
 }
+
+/// A file being written that has had no event for this long is reported anyway.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// A file being written is reported at least this often while writes go on.
+pub const WRITING_AT_MOST: Duration = Duration::from_secs(10);
 
 /// A batch with at least this many events is a bulk change: from then on the
 /// coalescer sleeps through each quiet period instead of waking for every event.
@@ -247,6 +261,7 @@ impl Watcher {
             root: root.clone(),
             watches: inotify.watches(),
             dirs: HashMap::new(),
+            writing: HashMap::new(),
             degraded: degraded.clone(),
             deferred: deferred.clone(),
         };
@@ -297,6 +312,9 @@ struct Tree {
     root: PathBuf,
     watches: Watches,
     dirs: HashMap<WatchDescriptor, String>,
+    /// Files being written (created or written to, not yet closed after writing),
+    /// with when their first and their last event came.
+    writing: HashMap<String, (Instant, Instant)>,
     degraded: Arc<AtomicBool>,
     deferred: Arc<Deferred>,
 }
@@ -415,8 +433,53 @@ impl Tree {
             } else if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
                 self.watch_dir(&rel, batch);
             }
+        } else if mask.contains(EventMask::MODIFY)
+            || (mask.contains(EventMask::CREATE) && self.is_regular_file(&rel))
+        {
+            // Still being written: reported at its close (or see `settled`). A
+            // link or a fifo created is done at once.
+            let now = Instant::now();
+            self.writing
+                .entry(rel)
+                .and_modify(|(_, last)| *last = now)
+                .or_insert((now, now));
+            return;
+        } else if mask.contains(EventMask::ATTRIB) && self.writing.contains_key(&rel) {
+            // Its mode or times set while it is being written: it still is.
+            return;
+        } else {
+            // Closed after writing, renamed or deleted: done, whatever it was.
+            self.writing.remove(&rel);
         }
         batch.paths.insert(rel);
+    }
+
+    /// Whether `rel` is a regular file now (a link is not followed).
+    fn is_regular_file(&self, rel: &str) -> bool {
+        std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| m.file_type().is_file())
+    }
+
+    /// Reports the files being written that have settled by `now` (see
+    /// [`SETTLE`] and [`WRITING_AT_MOST`]).
+    fn settled(&mut self, now: Instant, batch: &mut Batch) {
+        if self.writing.is_empty() {
+            return;
+        }
+        self.writing.retain(|rel, (first, last)| {
+            let done = *last + SETTLE <= now || *first + WRITING_AT_MOST <= now;
+            if done {
+                batch.paths.insert(rel.clone());
+            }
+            !done
+        });
+    }
+
+    /// When the next file being written settles, if any is.
+    fn next_settled(&self) -> Option<Instant> {
+        self.writing
+            .values()
+            .map(|(first, last)| (*last + SETTLE).min(*first + WRITING_AT_MOST))
+            .min()
     }
 
     /// Watches and reports the directories released since last asked (each with
@@ -510,16 +573,27 @@ async fn coalesce(
     loop {
         let mut batch = Batch::default();
         let mut events = 0;
-        // Wait for the first event of a batch.
+        // Wait for the first event of a batch, or for a file being written to
+        // settle.
         while events == 0 {
             match read_queued(&mut fd, &mut tree, &mut buf, &mut batch) {
                 Some(0) => {
                     let deferred = tree.deferred.clone();
+                    let settles = tree.next_settled();
                     tokio::select! {
                         ok = readable(&mut fd) => if !ok {
                             return;
                         },
                         _ = deferred.released.notified() => {}
+                        _ = async { match settles {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        } } => {
+                            tree.settled(Instant::now(), &mut batch);
+                            if !batch.paths.is_empty() {
+                                break;
+                            }
+                        }
                     }
                 }
                 Some(n) => events = n,
@@ -557,6 +631,7 @@ async fn coalesce(
                 break;
             }
         }
+        tree.settled(Instant::now(), &mut batch);
         if (!batch.paths.is_empty() || batch.rescan) && out.send(batch).await.is_err() {
             return;
         }
@@ -683,6 +758,35 @@ mod tests {
         std::fs::write(root.join("taken/f"), b"f").unwrap();
         until(&mut rx, |s| s.contains("taken/f")).await;
         assert!(deferred.lock().held.is_empty());
+    }
+
+    /// A file still open after writing is not reported while other changes are;
+    /// it is at its close, or once it has been quiet for `SETTLE` if it stays
+    /// open; a link appears at once.
+    #[tokio::test]
+    async fn a_file_being_written_is_reported_once_closed_or_settled() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let deferred = Arc::new(Deferred::default());
+        let (_w, mut rx) = Watcher::start(&root, WatchConfig::default(), deferred).unwrap();
+        let mut open = std::fs::File::create(root.join("copying.bin")).unwrap();
+        open.write_all(b"the first half").unwrap();
+        std::os::unix::fs::symlink("copying.bin", root.join("link")).unwrap();
+        std::fs::write(root.join("marker"), b"m").unwrap();
+        let (all, _) = until(&mut rx, |s| s.contains("marker")).await;
+        assert!(all.contains("link"), "{all:?}");
+        assert!(!all.contains("copying.bin"), "half written: {all:?}");
+        open.write_all(b", the second half").unwrap();
+        drop(open);
+        until(&mut rx, |s| s.contains("copying.bin")).await;
+
+        let mut kept = std::fs::File::create(root.join("kept-open.log")).unwrap();
+        kept.write_all(b"a line").unwrap();
+        let since = Instant::now();
+        until(&mut rx, |s| s.contains("kept-open.log")).await;
+        assert!(since.elapsed() >= SETTLE - Duration::from_millis(50));
+        drop(kept);
     }
 
     /// Without a watcher nothing is held (so nothing waits for a release).

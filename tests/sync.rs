@@ -698,3 +698,33 @@ async fn a_directory_a_long_batch_made_is_watched_before_the_batch_ends() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A tool's temporary file, written slowly and renamed over the real one (an
+/// atomic save of a large file), reaches the peer as the real file only: the
+/// half-written temporary is never announced, however long it stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_atomic_save_syncs_only_the_saved_file() {
+    use std::io::Write as _;
+    let env = TestEnv::new();
+    let (da, db) = (env.dir("a"), env.dir("b"));
+    let (a, b) = env.pair().await;
+    let log = EventLog::of(&b);
+    let mut tmp = std::fs::File::create(da.join("report.pdf.tmp")).unwrap();
+    tmp.write_all(b"the first part of the new version").unwrap();
+    // Later changes go through while the temporary is still open.
+    write(&da, "other.txt", b"written meanwhile");
+    wait_content(&db, "other.txt", b"written meanwhile").await;
+    tmp.write_all(b", and the rest").unwrap();
+    std::fs::rename(da.join("report.pdf.tmp"), da.join("report.pdf")).unwrap();
+    drop(tmp);
+    let saved = b"the first part of the new version, and the rest";
+    wait_content(&db, "report.pdf", saved).await;
+    wait_same_trees(&[&da, &db], T).await;
+    assert!(
+        log.kinds_for("report.pdf.tmp").is_empty(),
+        "the temporary file reached b: {:?}",
+        log.kinds_for("report.pdf.tmp")
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
