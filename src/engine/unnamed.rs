@@ -28,7 +28,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use rustix::io::Errno;
@@ -44,26 +44,24 @@ static THROUGH_PROC: AtomicBool = AtomicBool::new(false);
 /// Inode numbers of the latest unnamed files made, oldest first: at most
 /// [`RECENT_MAX`] (about 100 KiB), far more than are written between a write and
 /// the scan its event leads to.
-static RECENT: Mutex<Recent> = Mutex::new(Recent {
-    inodes: None,
-    order: VecDeque::new(),
-});
+static RECENT: LazyLock<Mutex<Recent>> = LazyLock::new(Mutex::default);
 const RECENT_MAX: usize = 4096;
 
+/// The same inode numbers twice: as a set to look up, and in the order they came
+/// to forget the oldest.
+#[derive(Default)]
 struct Recent {
-    inodes: Option<HashSet<u64>>,
+    inodes: HashSet<u64>,
     order: VecDeque<u64>,
 }
 
 fn remember(ino: u64) {
     let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    let Recent { inodes, order } = &mut *recent;
-    let inodes = inodes.get_or_insert_with(HashSet::new);
-    if inodes.insert(ino) {
-        order.push_back(ino);
-        if order.len() > RECENT_MAX {
-            if let Some(old) = order.pop_front() {
-                inodes.remove(&old);
+    if recent.inodes.insert(ino) {
+        recent.order.push_back(ino);
+        if recent.order.len() > RECENT_MAX {
+            if let Some(old) = recent.order.pop_front() {
+                recent.inodes.remove(&old);
             }
         }
     }
@@ -73,25 +71,20 @@ fn remember(ino: u64) {
 /// here lately: the name of no file (see the module's documentation).
 pub(super) fn is_placeholder(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
-    let Some(digits) = name.strip_prefix('#') else {
-        return false;
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return false;
-    }
-    // Exactly as the kernel writes it: no sign, no leading zero.
-    let Ok(ino) = digits.parse::<u64>() else {
-        return false;
-    };
-    if ino.to_string() != digits {
-        return false;
-    }
-    RECENT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .inodes
-        .as_ref()
-        .is_some_and(|i| i.contains(&ino))
+    // Exactly as the kernel writes the number: no sign, no leading zero.
+    let ino = name.strip_prefix('#').and_then(|digits| {
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|i| i.to_string() == digits)
+    });
+    ino.is_some_and(|ino| {
+        RECENT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .inodes
+            .contains(&ino)
+    })
 }
 
 /// How many unnamed files may wait at once: a quarter of the soft descriptor
