@@ -1,6 +1,7 @@
 //! Walking the synced tree and hashing what changed.
 
 use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -209,19 +210,23 @@ pub fn walk(
         });
     }
     let at = Root::open(root);
-    let mut stack: Vec<(PathBuf, String)> = Vec::new();
+    let mut stack: Vec<String> = Vec::new();
     match sub {
-        None | Some("") => stack.push((root.to_path_buf(), String::new())),
+        None | Some("") => stack.push(String::new()),
         Some(rel) => {
             // The subtree itself is observed like any entry; only a directory is walked.
-            if let Some(dir) = observe(&at, rel.to_string(), excluded, ctx, &mut out) {
+            if let Some(dir) = observe(&at, rel.to_string(), None, excluded, ctx, &mut out) {
                 stack.push(dir);
             }
         }
     }
-    while let Some((dir, rel)) = stack.pop() {
-        let read = match fs::read_dir(&dir) {
-            Ok(r) => r,
+    let mut dirents = vec![std::mem::MaybeUninit::<u8>::uninit(); 32 << 10];
+    while let Some(rel) = stack.pop() {
+        // Each directory is opened once, and what is in it is read and stat'ed
+        // through that descriptor: one name resolved per entry, not every
+        // component of its path from the root again.
+        let dir_fd = match at.open_dir(&rel) {
+            Ok(d) => d,
             Err(e) if rel.is_empty() => {
                 return Err(ScanError::Root {
                     path: root.to_path_buf(),
@@ -233,27 +238,32 @@ pub fn walk(
                 continue;
             }
         };
-        for dirent in read {
+        let mut read = rustix::fs::RawDir::new(&dir_fd, &mut dirents);
+        while let Some(dirent) = read.next() {
             let dirent = match dirent {
                 Ok(d) => d,
                 Err(e) => {
                     out.unreadable(&rel, format!("skipped an entry of {rel}/: {e}"));
-                    continue;
+                    break;
                 }
             };
-            let Some(name) = dirent.file_name().to_str().map(str::to_owned) else {
+            let name = dirent.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
                 out.warnings.push(format!(
                     "skipped {:?}: file name is not UTF-8",
-                    dirent.path()
+                    root.join(&rel).join(std::ffi::OsStr::from_bytes(name))
                 ));
                 continue;
             };
             let child = if rel.is_empty() {
-                name
+                name.to_string()
             } else {
                 format!("{rel}/{name}")
             };
-            if let Some(dir) = observe(&at, child, excluded, ctx, &mut out) {
+            if let Some(dir) = observe(&at, child, Some(&dir_fd), excluded, ctx, &mut out) {
                 stack.push(dir);
             }
         }
@@ -284,6 +294,26 @@ impl<'a> Root<'a> {
         Root { path, dir }
     }
 
+    /// The directory `rel` (`""`: the root) open for reading its entries, never
+    /// through a link (`ELOOP`, taken as unreadable: the tree changed under the
+    /// walk, and the change's own event or the next scan sees it).
+    fn open_dir(&self, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        if let Some(dir) = &self.dir {
+            let opened = if rel.is_empty() {
+                rustix::fs::openat(dir, ".", flags, Mode::empty())
+            } else {
+                super::open_beneath(dir, rel, flags, Mode::empty()).map(Into::into)
+            };
+            match opened {
+                Err(rustix::io::Errno::NOSYS) => {}
+                opened => return opened.map_err(Into::into),
+            }
+        }
+        rustix::fs::open(self.path.join(rel), flags, Mode::empty()).map_err(Into::into)
+    }
+
     /// The status of `rel` itself (a link is not followed).
     fn stat(&self, rel: &str) -> std::io::Result<rustix::fs::Stat> {
         super::lstat_below(self.dir.as_ref(), self.path, rel)
@@ -308,20 +338,27 @@ fn modified_of(stat: &rustix::fs::Stat) -> Option<SystemTime> {
     }
 }
 
-/// Observes one path; returns it as a directory to walk if it is one.
+/// Observes one path, through `parent` (its directory, open) when given;
+/// returns it as a directory to walk if it is one.
 fn observe(
     root: &Root<'_>,
     rel: String,
+    parent: Option<&rustix::fd::OwnedFd>,
     excluded: &[(u64, u64)],
     ctx: &impl ScanContext,
     out: &mut ScanOutcome,
-) -> Option<(PathBuf, String)> {
+) -> Option<String> {
     let name = rel.rsplit('/').next().unwrap_or(&rel);
     if name.starts_with(TEMP_PREFIX) {
         return None;
     }
     // lstat: links are never followed.
-    let meta = match root.stat(&rel) {
+    let meta = match parent {
+        Some(dir) => rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(std::io::Error::from),
+        None => root.stat(&rel),
+    };
+    let meta = match meta {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None, // vanished
         Err(e) => {
@@ -355,10 +392,16 @@ fn observe(
             },
             ctx,
         );
-        return Some((root.path.join(&rel), rel));
+        return Some(rel);
     }
     if ft == FileType::Symlink {
-        let target = match fs::read_link(root.path.join(&rel)) {
+        let target = match parent {
+            Some(dir) => rustix::fs::readlinkat(dir, name, Vec::new())
+                .map(|t| std::ffi::OsString::from_vec(t.into_bytes()))
+                .map_err(std::io::Error::from),
+            None => fs::read_link(root.path.join(&rel)).map(|t| t.into_os_string()),
+        };
+        let target = match target {
             Ok(t) => t,
             Err(e) => {
                 out.unreadable(&rel, format!("skipped link {rel}: {e}"));
@@ -704,6 +747,59 @@ mod tests {
         let sub = scan(root, Some("sub"), &ex, &cache).unwrap();
         let paths: Vec<&str> = sub.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["sub", "sub/deeper", "sub/deeper/x y.txt"]);
+    }
+
+    /// A directory replaced by a link to somewhere outside the root after the walk
+    /// found it (and before it read it) is not read through the link: nothing
+    /// outside the root is listed, and the directory counts as unreadable (so
+    /// what the index holds below it is not taken as deleted).
+    #[test]
+    fn a_directory_swapped_for_a_link_mid_walk_is_not_walked_through_it() {
+        struct SwapOnSight {
+            root: PathBuf,
+            outside: PathBuf,
+        }
+        impl ScanContext for SwapOnSight {
+            fn cached_hash(&self, _: &str, _: &StatKey) -> Option<ContentHash> {
+                None
+            }
+            // Asked right after the directory's lstat, before it is read.
+            fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
+                if path == "d" && is_dir {
+                    fs::rename(self.root.join("d"), self.root.join("d.moved")).unwrap();
+                    std::os::unix::fs::symlink(&self.outside, self.root.join("d")).unwrap();
+                }
+                false
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"not ours").unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/f"), b"ours").unwrap();
+        for sub in [None, Some("d")] {
+            if root.join("d.moved").exists() {
+                fs::remove_file(root.join("d")).unwrap();
+                fs::rename(root.join("d.moved"), root.join("d")).unwrap();
+            }
+            let ctx = SwapOnSight {
+                root: root.clone(),
+                outside: outside.path().to_path_buf(),
+            };
+            let out = scan(&root, sub, &[], &ctx).unwrap();
+            let below: Vec<&str> = out
+                .entries
+                .iter()
+                .map(|e| e.path.as_str())
+                .filter(|p| p.starts_with("d/"))
+                .collect();
+            assert!(
+                below.is_empty(),
+                "{sub:?}: walked through the link: {below:?}"
+            );
+            assert_eq!(out.unreadable, ["d"], "{sub:?}");
+        }
     }
 
     #[test]
