@@ -454,8 +454,15 @@ impl Engine {
     /// [`QUIET_BEFORE_TRIM`] after changing (a bulk sync or scan is over), hands
     /// the memory it freed back to the system (see [`crate::memory`]): a node
     /// that once synced 100,000 files would otherwise stay at its peak size.
+    /// It also ends the fetch reader's read transaction once it is stale (see
+    /// [`crate::index::store::SNAPSHOT_FOR`]), so an idle node holds none.
     pub(crate) fn tidy(&self) {
         let forgot = self.written.lock().unwrap_or_else(|p| p.into_inner()).age();
+        // Not waited for: a fetch holding it is done in microseconds, and the
+        // next tick comes.
+        if let Ok(mut reader) = self.reader.try_lock() {
+            reader.end_stale_snapshot();
+        }
         let seq = *self.seq.borrow();
         let now = Instant::now();
         let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());

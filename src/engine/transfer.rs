@@ -137,8 +137,13 @@ async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found
 /// shrank cannot. Links are never followed, at its end or on its way.
 fn find_version(engine: &Engine, path: &str, hash: ContentHash) -> Found {
     let current = {
-        let reader = engine.reader.lock().unwrap_or_else(|p| p.into_inner());
-        reader.served(path)
+        let mut reader = engine.reader.lock().unwrap_or_else(|p| p.into_inner());
+        match reader.served(path) {
+            Ok(Some(c)) if !c.deleted && c.kind == Kind::File && c.hash == hash => Ok(Some(c)),
+            // The reader's snapshot may be a few milliseconds older than the
+            // version asked for: asked again from what is committed now.
+            _ => reader.served_now(path),
+        }
     };
     let current = match current {
         Ok(Some(c)) => c,
