@@ -638,8 +638,7 @@ impl Engine {
             });
         }
         // Nested scopes are covered by their ancestors; our own writes are not
-        // scanned again, nor the placeholder names the kernel gives our unnamed
-        // temp files in their events; a file an install holds right now is looked at when the
+        // scanned again; a file an install holds right now is looked at when the
         // install lets go (a scan would only skip it). A directory is scanned now:
         // it is cheapest while the install is still filling it.
         let mut wait_for_install = Vec::new();
@@ -648,7 +647,7 @@ impl Engine {
             let mut sorted: Vec<&str> = list
                 .iter()
                 .map(String::as_str)
-                .filter(|p| !unnamed::is_placeholder(p) && !self.is_echo(p))
+                .filter(|p| !self.is_echo(p))
                 .filter(|p| {
                     let held = installing.contains_key(*p)
                         && !self

@@ -18,17 +18,15 @@
 //! `O_TMPFILE`, or where neither way of linking works (see [`Unnamed::link`]).
 //!
 //! The kernel names an unnamed file `#<inode>` in the events it queues for its
-//! directory's watch (its write, its mode and times set, its close). The inode
-//! numbers of the latest ones made here are remembered, so that the engine drops
-//! such a path at once ([`is_placeholder`]) instead of looking up, in the index
+//! directory's watch (its write, its mode and times set, its close): the watcher
+//! drops those (see `watch::is_unnamed`), so that no scan looks up, in the index
 //! and on disk, a name that never exists.
 
-use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use rustix::io::Errno;
@@ -40,52 +38,6 @@ static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 /// Set once `linkat(AT_EMPTY_PATH)` was refused (before Linux 6.10 it needs
 /// `CAP_DAC_READ_SEARCH`): linked through `/proc/self/fd` from then on.
 static THROUGH_PROC: AtomicBool = AtomicBool::new(false);
-
-/// Inode numbers of the latest unnamed files made, oldest first: at most
-/// [`RECENT_MAX`] (about 100 KiB), far more than are written between a write and
-/// the scan its event leads to.
-static RECENT: LazyLock<Mutex<Recent>> = LazyLock::new(Mutex::default);
-const RECENT_MAX: usize = 4096;
-
-/// The same inode numbers twice: as a set to look up, and in the order they came
-/// to forget the oldest.
-#[derive(Default)]
-struct Recent {
-    inodes: HashSet<u64>,
-    order: VecDeque<u64>,
-}
-
-fn remember(ino: u64) {
-    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
-    if recent.inodes.insert(ino) {
-        recent.order.push_back(ino);
-        if recent.order.len() > RECENT_MAX {
-            if let Some(old) = recent.order.pop_front() {
-                recent.inodes.remove(&old);
-            }
-        }
-    }
-}
-
-/// Whether `path` ends in the placeholder name `#<inode>` of an unnamed file made
-/// here lately: the name of no file (see the module's documentation).
-pub(super) fn is_placeholder(path: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    // Exactly as the kernel writes the number: no sign, no leading zero.
-    let ino = name.strip_prefix('#').and_then(|digits| {
-        digits
-            .parse::<u64>()
-            .ok()
-            .filter(|i| i.to_string() == digits)
-    });
-    ino.is_some_and(|ino| {
-        RECENT
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .inodes
-            .contains(&ino)
-    })
-}
 
 /// How many unnamed files may wait at once: a quarter of the soft descriptor
 /// limit, at most 4096.
@@ -129,15 +81,10 @@ pub(super) fn create(root: &Arc<OwnedFd>, parent: &Path, mode: u32) -> Option<Un
     };
     let flags = OFlags::TMPFILE | OFlags::WRONLY;
     match crate::index::open_beneath(root, dir, flags, Mode::from_raw_mode(mode)) {
-        Ok(file) => {
-            if let Ok(st) = rustix::fs::fstat(&file) {
-                remember(st.st_ino);
-            }
-            Some(Unnamed {
-                file,
-                root: root.clone(),
-            })
-        }
+        Ok(file) => Some(Unnamed {
+            file,
+            root: root.clone(),
+        }),
         Err(e) => {
             LIVE.fetch_sub(1, Ordering::Relaxed);
             // Not supported here (an old kernel opens the directory itself, and
@@ -209,10 +156,11 @@ pub(super) mod tests {
     }
 
     /// The watcher hears of an unnamed file's write, mode and close under
-    /// `#<inode>`: each such name is known as a placeholder of ours, and no
-    /// other name is.
+    /// `#<inode>`, a name no directory holds: it reports none of them, only the
+    /// name the file is linked at; a real file spelled like that is reported,
+    /// written and deleted.
     #[tokio::test]
-    async fn the_name_the_watcher_hears_for_an_unnamed_file_is_a_known_placeholder() {
+    async fn the_watcher_reports_no_unnamed_file_under_its_placeholder_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().canonicalize().unwrap();
         let deferred = Arc::new(crate::watch::Deferred::default());
@@ -220,10 +168,26 @@ pub(super) mod tests {
         let (_watcher, mut batches) =
             crate::watch::Watcher::start(&path, config, deferred).unwrap();
         let root = open_root(&path);
+        let mut heard = std::collections::BTreeSet::new();
+        async fn until(
+            batches: &mut tokio::sync::mpsc::Receiver<crate::watch::Batch>,
+            heard: &mut std::collections::BTreeSet<String>,
+            name: &str,
+        ) {
+            while !heard.contains(name) {
+                let batch =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), batches.recv())
+                        .await
+                        .expect("events within 10 s")
+                        .expect("the watcher runs");
+                heard.extend(batch.paths);
+            }
+        }
         let Some(mut u) = create(&root, Path::new(""), 0o644) else {
             eprintln!("skipped: no O_TMPFILE on {}", path.display());
             return;
         };
+        let ino = rustix::fs::fstat(u.file()).unwrap().st_ino;
         u.file_mut().write_all(b"theirs").unwrap();
         u.file()
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -231,29 +195,20 @@ pub(super) mod tests {
         u.link("named.txt").unwrap();
         drop(u);
         std::fs::write(path.join("marker"), b"after the close").unwrap();
-        let mut heard = std::collections::BTreeSet::new();
-        while !heard.contains("marker") {
-            let batch = tokio::time::timeout(std::time::Duration::from_secs(10), batches.recv())
-                .await
-                .expect("events within 10 s")
-                .expect("the watcher runs");
-            heard.extend(batch.paths);
-        }
-        let placeholders: Vec<&String> = heard.iter().filter(|p| p.starts_with('#')).collect();
-        assert!(!placeholders.is_empty(), "heard {heard:?}");
+        until(&mut batches, &mut heard, "marker").await;
+        // A name linked is reported once it settles (no close comes under it).
+        until(&mut batches, &mut heard, "named.txt").await;
         assert!(
-            placeholders.iter().all(|p| is_placeholder(p)),
-            "heard {heard:?}"
+            heard.iter().all(|p| !p.starts_with('#')),
+            "a placeholder reached the engine: {heard:?}"
         );
-        for other in ["named.txt", "marker", "#", "#x1", "#+1", "d/#", "#1#"] {
-            assert!(!is_placeholder(other), "{other}");
-        }
-        let ino = placeholders[0].trim_start_matches('#');
-        assert!(is_placeholder(&format!("sub/dir/#{ino}")));
-        assert!(
-            !is_placeholder(&format!("#0{ino}")),
-            "not the kernel's spelling"
-        );
+        // A real file with the kernel's spelling: its write and its deletion.
+        let real = format!("#{ino}");
+        std::fs::write(path.join(&real), b"mine").unwrap();
+        until(&mut batches, &mut heard, &real).await;
+        heard.clear();
+        std::fs::remove_file(path.join(&real)).unwrap();
+        until(&mut batches, &mut heard, &real).await;
     }
 
     /// Written with no name, linked to its name: nothing else ever appears in the
