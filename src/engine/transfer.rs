@@ -136,10 +136,12 @@ async fn requested(engine: &Arc<Engine>, path: &str, hash: ContentHash) -> Found
 /// still serves the indexed version (the receiver verifies the hash); one that
 /// shrank cannot. Links are never followed, at its end or on its way.
 fn find_version(engine: &Engine, path: &str, hash: ContentHash) -> Found {
+    let asked =
+        |c: &crate::index::store::Served| !c.deleted && c.kind == Kind::File && c.hash == hash;
     let current = {
         let mut reader = engine.reader.lock().unwrap_or_else(|p| p.into_inner());
         match reader.served(path) {
-            Ok(Some(c)) if !c.deleted && c.kind == Kind::File && c.hash == hash => Ok(Some(c)),
+            Ok(Some(c)) if asked(&c) => Ok(Some(c)),
             // The reader's snapshot may be a few milliseconds older than the
             // version asked for: asked again from what is committed now.
             _ => reader.served_now(path),
@@ -150,7 +152,7 @@ fn find_version(engine: &Engine, path: &str, hash: ContentHash) -> Found {
         _ => return Found::Refuse(format!("{path} is not in the index")),
     };
     let moved_on = || Found::Refuse(format!("{path} is no longer at that version"));
-    if current.deleted || current.kind != Kind::File || current.hash != hash {
+    if !asked(&current) {
         return moved_on();
     }
     // Opened from the open root through no link (and without blocking on a fifo

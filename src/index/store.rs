@@ -180,8 +180,7 @@ impl Reader {
     /// rest of the record: its kind, whether it is a tombstone, its hash and size.
     /// Answered from a read transaction at most [`SNAPSHOT_FOR`] old.
     pub fn served(&mut self, path: &str) -> Result<Option<Served>, StoreError> {
-        self.end_stale_snapshot();
-        if self.snapshot.is_none() {
+        if self.snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_FOR) {
             self.end_snapshot();
             self.conn.execute_batch("BEGIN")?;
             self.snapshot = Some(std::time::Instant::now());
@@ -673,7 +672,8 @@ mod tests {
         // Opened before the commit: a reader sees what is committed after it opened.
         let mut r = Reader::open(&db).unwrap();
         assert!(r.served("f").unwrap().is_none());
-        r.end_stale_snapshot();
+        // The look-up's read transaction stays open for the next ones.
+        assert!(!r.conn.is_autocommit());
         std::thread::sleep(SNAPSHOT_FOR); // let the snapshot of that look-up age
         let mut gone = update("gone", "a");
         gone.record.deleted = true;
