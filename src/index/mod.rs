@@ -94,10 +94,24 @@ pub fn open_beneath(
 }
 
 /// `rel` opened for reading without following a link at its end and without
-/// blocking on a fifo put in its place: [`open_beneath`] from `dir` when there
-/// is one (and the kernel has `openat2`), else `root/rel` with `O_NOFOLLOW`.
+/// blocking on a fifo put in its place: see [`open_below`].
 pub fn open_read_below(dir: Option<&OwnedFd>, root: &Path, rel: &str) -> std::io::Result<fs::File> {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    open_below(
+        dir,
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+    )
+}
+
+/// `rel` opened with `flags`: [`open_beneath`] from `dir` when there is one (and
+/// the kernel has `openat2`), else `root/rel` as it resolves.
+pub fn open_below(
+    dir: Option<&OwnedFd>,
+    root: &Path,
+    rel: &str,
+    flags: OFlags,
+) -> std::io::Result<fs::File> {
     if let Some(dir) = dir {
         match open_beneath(dir, rel, flags, Mode::empty()) {
             Err(rustix::io::Errno::NOSYS) => {}

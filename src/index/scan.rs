@@ -297,21 +297,11 @@ impl<'a> Root<'a> {
     /// The directory `rel` (`""`: the root) open for reading its entries, never
     /// through a link (`ELOOP`, taken as unreadable: the tree changed under the
     /// walk, and the change's own event or the next scan sees it).
-    fn open_dir(&self, rel: &str) -> std::io::Result<rustix::fd::OwnedFd> {
-        use rustix::fs::{Mode, OFlags};
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        if let Some(dir) = &self.dir {
-            let opened = if rel.is_empty() {
-                rustix::fs::openat(dir, ".", flags, Mode::empty())
-            } else {
-                super::open_beneath(dir, rel, flags, Mode::empty()).map(Into::into)
-            };
-            match opened {
-                Err(rustix::io::Errno::NOSYS) => {}
-                opened => return opened.map_err(Into::into),
-            }
-        }
-        rustix::fs::open(self.path.join(rel), flags, Mode::empty()).map_err(Into::into)
+    fn open_dir(&self, rel: &str) -> std::io::Result<fs::File> {
+        use rustix::fs::OFlags;
+        let rel = if rel.is_empty() { "." } else { rel };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+        super::open_below(self.dir.as_ref(), self.path, rel, flags)
     }
 
     /// The status of `rel` itself (a link is not followed).
@@ -343,7 +333,7 @@ fn modified_of(stat: &rustix::fs::Stat) -> Option<SystemTime> {
 fn observe(
     root: &Root<'_>,
     rel: String,
-    parent: Option<&rustix::fd::OwnedFd>,
+    parent: Option<&fs::File>,
     excluded: &[(u64, u64)],
     ctx: &impl ScanContext,
     out: &mut ScanOutcome,
