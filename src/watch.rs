@@ -450,9 +450,10 @@ impl Tree {
         } else {
             // Closed after writing, renamed or deleted: done, whatever it was.
             self.writing.remove(&rel);
-            let moved =
+            // A name appearing or going is reported whatever it is spelled.
+            let names =
                 EventMask::CREATE | EventMask::DELETE | EventMask::MOVED_FROM | EventMask::MOVED_TO;
-            if !mask.intersects(moved) && is_unnamed(&self.root, &rel) {
+            if !mask.intersects(names) && is_unnamed(&self.root, &rel) {
                 return;
             }
         }
@@ -668,7 +669,7 @@ async fn coalesce(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     async fn next(rx: &mut mpsc::Receiver<Batch>) -> Batch {
@@ -679,7 +680,7 @@ mod tests {
     }
 
     /// Collects batches until `done` holds for their union.
-    async fn until(
+    pub(crate) async fn until(
         rx: &mut mpsc::Receiver<Batch>,
         done: impl Fn(&BTreeSet<String>) -> bool,
     ) -> (BTreeSet<String>, usize) {

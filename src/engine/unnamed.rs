@@ -147,6 +147,7 @@ impl Unnamed {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::watch::tests::until;
     use std::io::Write as _;
 
     /// `path` open as a root directory.
@@ -168,21 +169,6 @@ pub(super) mod tests {
         let (_watcher, mut batches) =
             crate::watch::Watcher::start(&path, config, deferred).unwrap();
         let root = open_root(&path);
-        let mut heard = std::collections::BTreeSet::new();
-        async fn until(
-            batches: &mut tokio::sync::mpsc::Receiver<crate::watch::Batch>,
-            heard: &mut std::collections::BTreeSet<String>,
-            name: &str,
-        ) {
-            while !heard.contains(name) {
-                let batch =
-                    tokio::time::timeout(std::time::Duration::from_secs(10), batches.recv())
-                        .await
-                        .expect("events within 10 s")
-                        .expect("the watcher runs");
-                heard.extend(batch.paths);
-            }
-        }
         let Some(mut u) = create(&root, Path::new(""), 0o644) else {
             eprintln!("skipped: no O_TMPFILE on {}", path.display());
             return;
@@ -195,9 +181,11 @@ pub(super) mod tests {
         u.link("named.txt").unwrap();
         drop(u);
         std::fs::write(path.join("marker"), b"after the close").unwrap();
-        until(&mut batches, &mut heard, "marker").await;
         // A name linked is reported once it settles (no close comes under it).
-        until(&mut batches, &mut heard, "named.txt").await;
+        let (heard, _) = until(&mut batches, |s| {
+            s.contains("marker") && s.contains("named.txt")
+        })
+        .await;
         assert!(
             heard.iter().all(|p| !p.starts_with('#')),
             "a placeholder reached the engine: {heard:?}"
@@ -205,10 +193,9 @@ pub(super) mod tests {
         // A real file with the kernel's spelling: its write and its deletion.
         let real = format!("#{ino}");
         std::fs::write(path.join(&real), b"mine").unwrap();
-        until(&mut batches, &mut heard, &real).await;
-        heard.clear();
+        until(&mut batches, |s| s.contains(&real)).await;
         std::fs::remove_file(path.join(&real)).unwrap();
-        until(&mut batches, &mut heard, &real).await;
+        until(&mut batches, |s| s.contains(&real)).await;
     }
 
     /// Written with no name, linked to its name: nothing else ever appears in the
