@@ -22,6 +22,7 @@ pub mod session;
 pub mod transfer;
 mod unnamed;
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,8 @@ use crate::hash::ContentHash;
 use crate::ignore::IgnoreRules;
 use crate::index::changes::{detect, within, Entries};
 use crate::index::scan::{self, NotObserved, ScanContext};
-use crate::index::{Entry, ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
+use crate::index::store::{Proof, ScanReader, Seen, Snapshot};
+use crate::index::{ScanError, StatKey, Store, StoreError, STATE_DIR_NAME};
 use crate::sync::record::Kind;
 use crate::wire::Timestamp;
 
@@ -170,6 +172,9 @@ pub struct Engine {
     pub(crate) deferred: Arc<crate::watch::Deferred>,
     /// The index read-only, for serving fetches without waiting for commits.
     pub(crate) reader: Mutex<crate::index::store::Reader>,
+    /// Read-only connections for scans to compare the disk with, one for each
+    /// scan running at once (opened when none is free).
+    scan_readers: Mutex<Vec<ScanReader>>,
     ignore: RwLock<IgnoreRules>,
     /// Paths being installed from a peer (with how many batches claim each): scans
     /// leave them alone until committed.
@@ -209,30 +214,111 @@ pub struct Engine {
     pub(crate) before_move_aside: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
-/// Looks up cached hashes in the index entries loaded for a scan.
+/// What a scan compares the disk with: a snapshot of the index, looked up path
+/// by path as the walk meets them (`None`: a tree the index knows nothing of).
 struct Ctx<'a> {
-    entries: &'a Entries,
+    snapshot: Option<&'a Snapshot<'a>>,
+    /// The entries found exactly as indexed.
+    seen: RefCell<Seen>,
+    /// The last path looked up and its proof: a file is asked about twice in a
+    /// row ([`ScanContext::cached_hash`], then [`ScanContext::unchanged`]).
+    last: RefCell<(String, Option<(i64, Proof)>)>,
+    /// Why a look-up failed, if one did: the scan is given up after its walk.
+    failed: RefCell<Option<StoreError>>,
     ignore: &'a IgnoreRules,
     installing: &'a Mutex<HashMap<String, usize>>,
 }
 
-impl ScanContext for Ctx<'_> {
-    fn expected_entries(&self) -> usize {
-        self.entries.len()
-    }
-    fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash> {
-        self.entries
-            .get(path)
-            .filter(|e| !e.record.deleted && e.stat.as_ref() == Some(stat))
-            .map(|e| e.record.hash)
-    }
-    fn unchanged(&self, obs: &scan::Observed) -> Option<u32> {
-        let i = self.entries.position(&obs.path)?;
-        let entry = self.entries.at(i)?;
-        if !crate::index::changes::proven_unchanged(entry, obs) {
-            return None;
+impl<'a> Ctx<'a> {
+    /// A context for a scan of the `whole` tree, or of a few paths.
+    fn new(
+        snapshot: Option<&'a Snapshot<'a>>,
+        whole: bool,
+        ignore: &'a IgnoreRules,
+        installing: &'a Mutex<HashMap<String, usize>>,
+    ) -> Ctx<'a> {
+        Ctx {
+            seen: RefCell::new(snapshot.map_or(Seen::Set(HashSet::new()), |s| s.seen(whole))),
+            snapshot,
+            last: RefCell::new((String::new(), None)),
+            failed: RefCell::default(),
+            ignore,
+            installing,
         }
-        u32::try_from(i).ok()
+    }
+
+    /// `f` of `path`'s proof in the snapshot (with its row id), if it has one.
+    fn with_proof<R>(&self, path: &str, f: impl FnOnce(Option<&(i64, Proof)>) -> R) -> R {
+        let Some(snapshot) = self.snapshot else {
+            return f(None);
+        };
+        let mut last = self.last.borrow_mut();
+        if last.0 != path || last.0.is_empty() {
+            let found = snapshot.proof(path).unwrap_or_else(|e| {
+                self.failed.borrow_mut().get_or_insert(e);
+                None
+            });
+            last.0.clear();
+            last.0.push_str(path);
+            last.1 = found;
+        }
+        f(last.1.as_ref())
+    }
+
+    /// What [`detect`] compares `observed` with: the entries of the observed
+    /// paths, and those of the scanned scopes (`None`: the whole index) that the
+    /// scan found neither observed nor as indexed. The ones it found as indexed
+    /// are left out: a rescan of a large unchanged tree holds none of them.
+    fn entries_for(
+        &self,
+        observed: &[scan::Observed],
+        scopes: Option<&[&str]>,
+    ) -> Result<Entries, EngineError> {
+        if let Some(e) = self.failed.borrow_mut().take() {
+            return Err(e.into());
+        }
+        let Some(snapshot) = self.snapshot else {
+            return Ok(Entries::default());
+        };
+        let mut seen = self.seen.borrow_mut();
+        let mut list = Vec::new();
+        for obs in observed {
+            if let Some((id, entry)) = snapshot.get(&obs.path)? {
+                seen.insert(id);
+                list.push(entry);
+            }
+        }
+        match scopes {
+            None => snapshot.each_unseen(None, &seen, &mut |e| list.push(e))?,
+            Some(scopes) => {
+                for scope in scopes {
+                    snapshot.each_unseen(Some(scope), &seen, &mut |e| list.push(e))?;
+                }
+            }
+        }
+        Ok(Entries::new(list))
+    }
+}
+
+impl ScanContext for Ctx<'_> {
+    fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash> {
+        self.with_proof(path, |found| {
+            found
+                .map(|(_, p)| p)
+                .filter(|p| !p.deleted && p.stat.as_ref() == Some(stat))
+                .map(|p| p.hash)
+        })
+    }
+    fn unchanged(&self, obs: &scan::Observed) -> bool {
+        let id = self.with_proof(&obs.path, |found| {
+            found
+                .filter(|(_, p)| crate::index::changes::proven_unchanged(p, obs))
+                .map(|(id, _)| *id)
+        });
+        if let Some(id) = id {
+            self.seen.borrow_mut().insert(id);
+        }
+        id.is_some()
     }
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool {
         self.ignore.is_ignored(path, is_dir)
@@ -296,6 +382,7 @@ impl Engine {
             excluded,
             store: Mutex::new(store),
             reader: Mutex::new(reader),
+            scan_readers: Mutex::default(),
             deferred: Arc::default(),
             ignore: RwLock::new(ignore),
             installing: Mutex::default(),
@@ -675,36 +762,45 @@ impl Engine {
         // Many paths left after dropping our echoes: one walk of the tree is
         // cheaper than as many scoped look-ups.
         let scopes = scopes.filter(|list| list.len() <= FULL_SCAN_ABOVE);
-        let (entries, seq_read) = {
-            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            let mut list: Vec<Entry> = Vec::new();
-            match &scopes {
-                None => {
-                    list.reserve_exact(store.count_entries()?);
-                    store.each_entry(None, &mut |e| list.push(e))?;
-                }
-                Some(list_of) if list_of.is_empty() => return Ok(0),
-                Some(list_of) => store.read(|store| {
-                    for s in list_of {
-                        store.each_entry(Some(s), &mut |e| list.push(e))?;
-                    }
-                    Ok(())
-                })?,
-            };
-            (Entries::new(list), store.max_seq())
-        };
-        let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
-        let ctx = Ctx {
-            entries: &entries,
-            ignore: &ignore,
-            installing: &self.installing,
-        };
-        if scopes.is_none() && entries.is_empty() {
-            return self.index_new_tree(&entries, seq_read, &ctx, &ignore);
+        if scopes.as_ref().is_some_and(|list| list.is_empty()) {
+            return Ok(0);
         }
+        let pooled = self
+            .scan_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut reader = match pooled {
+            Some(r) => r,
+            None => ScanReader::open(&self.state_dir.join("index.db"))?,
+        };
+        let scanned = self.scan_against(&mut reader, scopes.as_deref());
+        self.scan_readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reader);
+        scanned
+    }
+
+    /// [`Engine::scan_blocking`] of `scopes` (`None`: the whole tree), compared
+    /// with a snapshot of the index read through `reader`.
+    fn scan_against(
+        &self,
+        reader: &mut ScanReader,
+        scopes: Option<&[&str]>,
+    ) -> Result<usize, EngineError> {
+        let snapshot = reader.snapshot()?;
+        let seq_read = snapshot.max_seq();
+        let ignore = self.ignore.read().unwrap_or_else(|p| p.into_inner());
+        if scopes.is_none() && snapshot.is_empty() {
+            drop(snapshot);
+            let ctx = Ctx::new(None, true, &ignore, &self.installing);
+            return self.index_new_tree(&Entries::default(), seq_read, &ctx, &ignore);
+        }
+        let ctx = Ctx::new(Some(&snapshot), scopes.is_none(), &ignore, &self.installing);
         let mut found = scan::Found::default();
         let mut missed = NotObserved::default();
-        let roots: Vec<Option<&str>> = match &scopes {
+        let roots: Vec<Option<&str>> = match scopes {
             None => vec![None],
             Some(list) => list.iter().map(|s| Some(*s)).collect(),
         };
@@ -713,15 +809,12 @@ impl Engine {
             found.extend(outcome.entries_logged(&self.name, &mut missed));
         }
         self.after_walk_hook();
-        self.version_observed(
-            found,
-            missed,
-            &entries,
-            seq_read,
-            scopes.as_deref(),
-            &ignore,
-        )
-        .map(|(n, _)| n)
+        let entries = ctx.entries_for(&found.observed, scopes)?;
+        drop(ctx);
+        // The index is compared with as it was; what moved on since is caught below.
+        drop(snapshot);
+        self.version_observed(found, missed, &entries, seq_read, scopes, &ignore)
+            .map(|(n, _)| n)
     }
 
     /// Runs the test hook set for the moment between a scan's walk and its commit.
@@ -867,15 +960,7 @@ impl Engine {
             .map(|o| o.path.clone())
             .collect::<Vec<_>>();
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let mut changes = detect(
-            &self.name,
-            entries,
-            &found.observed,
-            &found.unchanged,
-            &in_scope,
-            now,
-            &skip,
-        );
+        let mut changes = detect(&self.name, entries, &found.observed, &in_scope, now, &skip);
         drop(not_observed);
         claimed.extend(deferred);
         self.recheck_after_install(claimed);
@@ -1070,11 +1155,11 @@ mod tests {
         (dir, root, engine)
     }
 
-    /// A rescan of a tree found exactly as indexed keeps each path as its index
-    /// position only: files (whose cached hash gives the position), directories
-    /// and links alike, and no entry is observed in full.
+    /// A rescan of a tree found exactly as indexed holds nothing of it but one
+    /// bit per entry: files (proven by their cached hash), directories and links
+    /// alike are neither observed in full nor handed to change detection.
     #[tokio::test]
-    async fn a_rescan_of_an_unchanged_tree_keeps_only_positions() {
+    async fn a_rescan_of_an_unchanged_tree_holds_no_entry() {
         let (_dir, root, engine) = fresh_engine();
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for d in 0..3 {
@@ -1089,18 +1174,12 @@ mod tests {
         }
         std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
         assert_eq!(engine.scan(None).await.unwrap(), 19);
-        let mut list = Vec::new();
-        let store = engine.store.lock().unwrap();
-        store.each_entry(None, &mut |e| list.push(e)).unwrap();
-        drop(store);
-        let entries = Entries::new(list);
+        let mut reader = ScanReader::open(&engine.state_dir.join("index.db")).unwrap();
+        let snapshot = reader.snapshot().unwrap();
+        assert!(!snapshot.is_empty());
         let ignore = engine.ignore.read().unwrap();
         let installing = Mutex::default();
-        let ctx = Ctx {
-            entries: &entries,
-            ignore: &ignore,
-            installing: &installing,
-        };
+        let ctx = Ctx::new(Some(&snapshot), true, &ignore, &installing);
         let out = scan::scan(&root, None, &engine.excluded, &ctx).unwrap();
         assert!(
             out.entries.is_empty(),
@@ -1108,10 +1187,20 @@ mod tests {
             out.entries
         );
         assert_eq!(out.hashed_files, 0);
-        let mut positions = out.unchanged.clone();
-        positions.sort_unstable();
-        assert_eq!(positions, (0..entries.len() as u32).collect::<Vec<_>>());
-        assert_eq!(entries.len(), 19);
+        let entries = ctx.entries_for(&out.entries, None).unwrap();
+        assert!(entries.is_empty(), "all 19 were found as indexed");
+
+        // One file gone and one changed: only their two entries are compared.
+        std::fs::remove_file(root.join("d1/f1")).unwrap();
+        std::fs::write(root.join("d2/f2"), b"changed").unwrap();
+        let ctx = Ctx::new(Some(&snapshot), true, &ignore, &installing);
+        let out = scan::scan(&root, None, &engine.excluded, &ctx).unwrap();
+        let observed: Vec<&str> = out.entries.iter().map(|o| o.path.as_str()).collect();
+        // d1 itself changed too (its mtime moved with the removal).
+        assert_eq!(observed, ["d1", "d2/f2"]);
+        let entries = ctx.entries_for(&out.entries, None).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.record.path.as_str()).collect();
+        assert_eq!(paths, ["d1", "d1/f1", "d2/f2"]);
     }
 
     /// A scan that meets a path mid-install leaves it alone, and the path is looked

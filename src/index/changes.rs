@@ -3,15 +3,17 @@
 //! the path's version vector goes up, and the store gives it a new sequence number.
 
 use super::scan::Observed;
+use super::store::Proof;
 use super::{Entry, StatKey, Update};
 use crate::hash::ContentHash;
 use crate::sync::record::{Kind, Record};
 use crate::sync::version::VersionVector;
 use crate::wire::Timestamp;
 
-/// The index entries a scan compares the disk with, sorted by path and looked up
-/// by binary search: a full scan holds one for every path of the tree, and a map
-/// would hold each path twice (as key and in the record) with room to spare.
+/// The index entries a scan compares the disk with (those of the paths it
+/// observed, and those it did not find), sorted by path and looked up by binary
+/// search: a map would hold each path twice (as key and in the record) with room
+/// to spare.
 #[derive(Debug, Default)]
 pub struct Entries(Vec<Entry>);
 
@@ -70,29 +72,25 @@ pub struct LocalChanges {
     pub refreshed: Vec<(String, StatKey)>,
 }
 
-/// Compares `observed` (everything a scan found) with `index` (the entries the scan
-/// covered). `in_scope(path)` tells whether the scan covered `path`: index entries
-/// outside the scanned scope are never taken as deleted.
+/// Compares `observed` (what a scan found, except what it found exactly as
+/// indexed) with `index`: the entries of the observed paths, and those of the
+/// scanned scope that the scan did not find at all (the ones it found as indexed
+/// are left out of both). `in_scope(path)` tells whether the scan covered
+/// `path`: index entries outside the scanned scope are never taken as deleted.
 /// `skip(path)` is true for paths that must not be versioned now (ignored, or being
 /// installed by the engine).
 pub fn detect(
     node: &str,
     index: &Entries,
     observed: &[Observed],
-    unchanged: &[u32],
     in_scope: &dyn Fn(&str) -> bool,
     now: Timestamp,
     skip: &dyn Fn(&str) -> bool,
 ) -> LocalChanges {
     let mut out = LocalChanges::default();
-    // Which index entries the scan met: those it observed, and those it found
-    // exactly as indexed (kept as positions only, see [`proven_unchanged`]).
+    // Which index entries the scan met (those it found exactly as indexed are
+    // not in `index`, see [`proven_unchanged`]).
     let mut seen = vec![false; index.len()];
-    for &i in unchanged {
-        if let Some(s) = seen.get_mut(i as usize) {
-            *s = true;
-        }
-    }
     for obs in observed {
         if let Some(i) = index.position(&obs.path) {
             seen[i] = true;
@@ -184,25 +182,42 @@ pub fn tombstone(of: &Record, version: VersionVector, node: &str, now: Timestamp
 
 /// Whether `obs` is exactly what `entry` says: the same stat (so the same
 /// inode, size, mtime and ctime: nothing about the file changed since it was
-/// indexed) and nothing [`detect`] would version or refresh. A scan keeps such an
-/// observation as the entry's position only, not as an [`Observed`].
-pub fn proven_unchanged(entry: &Entry, obs: &Observed) -> bool {
-    !entry.record.deleted
+/// indexed) and nothing [`detect`] would version or refresh. A scan keeps nothing
+/// of such an observation but that its entry was found.
+pub fn proven_unchanged(proof: &Proof, obs: &Observed) -> bool {
+    !proof.deleted
         && obs.stat.is_some()
-        && obs.stat == entry.stat
-        && !differs(&entry.record, obs)
+        && obs.stat == proof.stat
+        && !differs_from(
+            proof.kind,
+            &proof.hash,
+            proof.mode,
+            proof.target.as_deref(),
+            obs,
+        )
 }
 
 /// Whether what is on disk is a different version than the record: content, kind,
 /// link target or executable bits. Timestamps alone are not a change.
 fn differs(r: &Record, o: &Observed) -> bool {
-    if r.kind != o.kind {
+    differs_from(r.kind, &r.hash, r.mode, r.target.as_deref(), o)
+}
+
+/// [`differs`] of a record given by its kind, hash, mode and link target.
+fn differs_from(
+    kind: Kind,
+    hash: &ContentHash,
+    mode: u32,
+    target: Option<&str>,
+    o: &Observed,
+) -> bool {
+    if kind != o.kind {
         return true;
     }
     match o.kind {
-        Kind::File => r.hash != o.hash || (r.mode & 0o111) != (o.mode & 0o111),
+        Kind::File => *hash != o.hash || (mode & 0o111) != (o.mode & 0o111),
         Kind::Dir => false,
-        Kind::Symlink => r.target != o.target,
+        Kind::Symlink => target != o.target.as_deref(),
     }
 }
 
@@ -247,15 +262,7 @@ mod tests {
     fn first_index(found: &[Observed]) -> Entries {
         let all = |_: &str| true;
         let none = |_: &str| false;
-        index_of(&detect(
-            "a",
-            &Entries::default(),
-            found,
-            &[],
-            &all,
-            NOW,
-            &none,
-        ))
+        index_of(&detect("a", &Entries::default(), found, &all, NOW, &none))
     }
 
     const NOW: Timestamp = Timestamp {
@@ -271,7 +278,6 @@ mod tests {
             "a",
             &Entries::default(),
             &[obs("x", b"1"), obs("y", b"2")],
-            &[],
             &all,
             NOW,
             &none,
@@ -285,7 +291,6 @@ mod tests {
             "a",
             &index,
             &[obs("x", b"1"), obs("z", b"3")],
-            &[],
             &all,
             NOW,
             &none,
@@ -309,15 +314,7 @@ mod tests {
 
         let mut changed = obs("x", b"1!");
         changed.stat = None;
-        let third = detect(
-            "a",
-            &index,
-            &[changed],
-            &[],
-            &|p| within(p, "x"),
-            NOW,
-            &none,
-        );
+        let third = detect("a", &index, &[changed], &|p| within(p, "x"), NOW, &none);
         assert_eq!(
             third.updates.len(),
             1,
@@ -336,16 +333,16 @@ mod tests {
             mtime_ns: 9,
             ..touched.stat.unwrap()
         });
-        let c = detect("a", &index, &[touched.clone()], &[], &all, NOW, &none);
+        let c = detect("a", &index, &[touched.clone()], &all, NOW, &none);
         assert!(c.updates.is_empty());
         assert_eq!(c.refreshed.len(), 1);
 
         touched.mode = 0o755;
-        let c = detect("a", &index, &[touched], &[], &all, NOW, &none);
+        let c = detect("a", &index, &[touched], &all, NOW, &none);
         assert_eq!(c.updates.len(), 1);
 
         let skip_x = |p: &str| p == "x";
-        let c = detect("a", &index, &[], &[], &all, NOW, &skip_x);
+        let c = detect("a", &index, &[], &all, NOW, &skip_x);
         assert!(
             c.updates.is_empty(),
             "a skipped path is never taken as deleted"
@@ -353,22 +350,23 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_found_as_indexed_is_kept_by_its_position_alone() {
+    fn an_entry_found_as_indexed_is_left_out_and_neither_versioned_nor_deleted() {
         let none = |_: &str| false;
         let all = |_: &str| true;
         let index = first_index(&[obs("x", b"1"), obs("y", b"2"), obs("z", b"3")]);
         let y = index.position("y").unwrap();
-        assert!(proven_unchanged(index.at(y).unwrap(), &obs("y", b"2")));
-        // x changed, y is as indexed (a position only), z is gone.
-        let c = detect(
-            "a",
-            &index,
-            &[obs("x", b"1!")],
-            &[y as u32],
-            &all,
-            NOW,
-            &none,
-        );
+        assert!(proven_unchanged(
+            &Proof::of(index.at(y).unwrap()),
+            &obs("y", b"2")
+        ));
+        // x changed, y is as indexed (so the scan hands over neither its
+        // observation nor its entry), z is gone.
+        let without_y: Entries = index
+            .iter()
+            .filter(|e| e.record.path != "y")
+            .cloned()
+            .collect();
+        let c = detect("a", &without_y, &[obs("x", b"1!")], &all, NOW, &none);
         let got: Vec<(&str, bool)> = c
             .updates
             .iter()
@@ -387,15 +385,24 @@ mod tests {
             ctime_ns: 9,
             ..touched.stat.unwrap()
         });
-        assert!(!proven_unchanged(index.at(y).unwrap(), &touched));
+        assert!(!proven_unchanged(
+            &Proof::of(index.at(y).unwrap()),
+            &touched
+        ));
         let mut exec = obs("y", b"2");
         exec.mode = 0o755;
         exec.stat = index.at(y).unwrap().stat;
-        assert!(!proven_unchanged(index.at(y).unwrap(), &exec));
+        assert!(!proven_unchanged(&Proof::of(index.at(y).unwrap()), &exec));
         let mut unproven = obs("y", b"2");
         unproven.stat = None;
-        assert!(!proven_unchanged(index.at(y).unwrap(), &unproven));
-        let gone = index_of(&detect("a", &index, &[], &[], &|p| p == "y", NOW, &none));
-        assert!(!proven_unchanged(gone.at(0).unwrap(), &obs("y", b"2")));
+        assert!(!proven_unchanged(
+            &Proof::of(index.at(y).unwrap()),
+            &unproven
+        ));
+        let gone = index_of(&detect("a", &index, &[], &|p| p == "y", NOW, &none));
+        assert!(!proven_unchanged(
+            &Proof::of(gone.at(0).unwrap()),
+            &obs("y", b"2")
+        ));
     }
 }

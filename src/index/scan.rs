@@ -45,12 +45,10 @@ pub struct Observed {
 #[derive(Debug, Default)]
 pub struct ScanOutcome {
     /// Files, directories and symlinks, sorted by path, except those found
-    /// exactly as indexed.
+    /// exactly as indexed: the context keeps track of those
+    /// ([`ScanContext::unchanged`]), which is what keeps a rescan of a large,
+    /// mostly unchanged tree small.
     pub entries: Vec<Observed>,
-    /// The index positions ([`ScanContext::unchanged`]) of what was found exactly
-    /// as indexed: 4 bytes each instead of an [`Observed`], which is what keeps
-    /// a rescan of a large, mostly unchanged tree small.
-    pub unchanged: Vec<u32>,
     /// Entries that were skipped, with the reason.
     pub warnings: Vec<String>,
     /// How many files had to be hashed (not proven unchanged by the cache).
@@ -71,8 +69,7 @@ pub struct ScanOutcome {
 }
 
 impl ScanOutcome {
-    /// The entries and the unchanged positions, after logging the warnings as
-    /// `node`'s; the unstable, the claimed and the unreadable paths go to the
+    /// The entries, after logging the warnings as `node`'s; the unstable, the claimed and the unreadable paths go to the
     /// caller's lists.
     pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Found {
         for w in &self.warnings {
@@ -83,15 +80,13 @@ impl ScanOutcome {
         lists.unreadable.extend(self.unreadable);
         Found {
             observed: self.entries,
-            unchanged: self.unchanged,
         }
     }
 
-    /// Keeps `obs`: as an index position if the context proves it unchanged.
+    /// Keeps `obs`, unless the context proves it unchanged.
     fn found(&mut self, obs: Observed, ctx: &impl ScanContext) {
-        match ctx.unchanged(&obs) {
-            Some(position) => self.unchanged.push(position),
-            None => self.entries.push(obs),
+        if !ctx.unchanged(&obs) {
+            self.entries.push(obs);
         }
     }
 
@@ -111,22 +106,20 @@ impl ScanOutcome {
     }
 }
 
-/// What a scan found: what it observed, and the index positions of what it
-/// found exactly as indexed (see [`ScanOutcome`]).
+/// What a scan observed: all it found except what it found exactly as indexed
+/// (see [`ScanOutcome`]).
 #[derive(Debug, Default)]
 pub struct Found {
     pub observed: Vec<Observed>,
-    pub unchanged: Vec<u32>,
 }
 
 impl Found {
     /// Adds `more` (another scope's scan) to this.
     pub fn extend(&mut self, more: Found) {
-        if self.observed.is_empty() && self.unchanged.is_empty() {
-            *self = more; // a full scan's one pair of lists, not copied
+        if self.observed.is_empty() {
+            *self = more; // a full scan's one list, not copied
         } else {
             self.observed.extend(more.observed);
-            self.unchanged.extend(more.unchanged);
         }
     }
 }
@@ -141,17 +134,13 @@ pub struct NotObserved {
 
 /// What a scan needs to know besides the disk.
 pub trait ScanContext {
-    /// About how many entries a scan of the whole tree will find (the index's
-    /// count): room for them is made at once.
-    fn expected_entries(&self) -> usize {
-        0
-    }
     /// The hash of `path` if it was computed when the file had exactly `stat`.
     fn cached_hash(&self, path: &str, stat: &StatKey) -> Option<ContentHash>;
-    /// The index position of `obs`'s entry if `obs` is exactly what the index
-    /// holds (nothing to version or refresh): then the scan keeps only that.
-    fn unchanged(&self, _obs: &Observed) -> Option<u32> {
-        None
+    /// Whether `obs` is exactly what the index holds (nothing to version or
+    /// refresh): then the context notes that its entry was found, and the scan
+    /// keeps nothing of it.
+    fn unchanged(&self, _obs: &Observed) -> bool {
+        false
     }
     /// Paths the user asked to ignore (`.dirsyncignore`).
     fn is_ignored(&self, path: &str, is_dir: bool) -> bool;
@@ -192,13 +181,6 @@ pub fn walk(
     mut flush: Option<Flush<'_>>,
 ) -> Result<ScanOutcome, ScanError> {
     let mut out = ScanOutcome::default();
-    if matches!(sub, None | Some("")) {
-        // A whole tree: room at once for what the index holds (mostly found
-        // unchanged, as positions) and a few more, rather than doubling up to
-        // it (a list twice the tree, at the end).
-        out.unchanged
-            .reserve(ctx.expected_entries() + ctx.expected_entries() / 16);
-    }
     let root_meta = fs::metadata(root).map_err(|source| ScanError::Root {
         path: root.to_path_buf(),
         source,
