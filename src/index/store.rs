@@ -180,12 +180,8 @@ impl Reader {
     /// Opens the index at `path`, which a [`Store`] has already opened (so it
     /// exists, in WAL mode).
     pub fn open(path: &Path) -> Result<Reader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
         Ok(Reader {
-            conn,
+            conn: open_read_only(path)?,
             snapshot: None,
         })
     }
@@ -284,11 +280,9 @@ pub struct ScanReader {
 impl ScanReader {
     /// Opens the index at `path`, which a [`Store`] has already opened.
     pub fn open(path: &Path) -> Result<ScanReader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        Ok(ScanReader { conn })
+        Ok(ScanReader {
+            conn: open_read_only(path)?,
+        })
     }
 
     /// Begins a read transaction: whatever is read through the snapshot is the
@@ -355,16 +349,7 @@ impl Snapshot<'_> {
 
     /// The entry for `path`, tombstones included, with its row id (for [`Seen`]).
     pub fn get(&self, path: &str) -> Result<Option<(i64, Entry)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(concat!(
-            "SELECT ",
-            columns!(),
-            ", rowid FROM files WHERE path = ?1"
-        ))?;
-        let mut rows = stmt.query(params![path])?;
-        match rows.next()? {
-            Some(row) => Ok(Some((row.get(ID_COLUMN)?, read_entry(row)?))),
-            None => Ok(None),
-        }
+        get_with_id(self.conn, path)
     }
 
     /// What a scan checks `path` against, with its row id (for [`Seen`]): the
@@ -435,7 +420,22 @@ impl Snapshot<'_> {
     }
 }
 
-/// Where the row id is in a [`Snapshot`]'s rows: after [`columns!`].
+/// The entry for `path` on `conn`, tombstones included, with its row id.
+fn get_with_id(conn: &Connection, path: &str) -> Result<Option<(i64, Entry)>, StoreError> {
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT ",
+        columns!(),
+        ", rowid FROM files WHERE path = ?1"
+    ))?;
+    let mut rows = stmt.query(params![path])?;
+    match rows.next()? {
+        Some(row) => Ok(Some((row.get(ID_COLUMN)?, read_entry(row)?))),
+        None => Ok(None),
+    }
+}
+
+/// Where the row id is in the rows [`get_with_id`] and [`Snapshot`] read: after
+/// [`columns!`].
 const ID_COLUMN: usize = 17;
 
 /// The entries of a [`Snapshot`] a scan found, by row id: for a scan of the whole
@@ -481,6 +481,15 @@ impl Seen {
             Seen::Set(set) => set.contains(&id),
         }
     }
+}
+
+/// A read-only connection to the index at `path`, which a [`Store`] has already
+/// opened (so it exists, in WAL mode).
+fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    Ok(Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?)
 }
 
 /// The kind stored as `code` (see [`kind_code`]).
@@ -608,16 +617,7 @@ impl Store {
 
     /// The entry for `path`, tombstones included.
     pub fn get(&self, path: &str) -> Result<Option<Entry>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM files WHERE path = ?1"
-        ))?;
-        let mut rows = stmt.query(params![path])?;
-        match rows.next()? {
-            Some(row) => Ok(Some(read_entry(row)?)),
-            None => Ok(None),
-        }
+        Ok(get_with_id(&self.conn, path)?.map(|(_, entry)| entry))
     }
 
     /// Up to `limit` records after `seq` for `peer`, leaving out those above
