@@ -287,7 +287,9 @@ impl ScanReader {
 
     /// Begins a read transaction: whatever is read through the snapshot is the
     /// index as one commit left it, however long the scan takes (in WAL mode the
-    /// writer goes on meanwhile). It ends when the snapshot is dropped.
+    /// writer goes on meanwhile). It ends when the snapshot is dropped. While it
+    /// is open, checkpoints cannot move the WAL past it, so the WAL grows by
+    /// what the node commits during the scan, and is reused once it ends.
     pub fn snapshot(&mut self) -> Result<Snapshot<'_>, StoreError> {
         self.conn.execute_batch("BEGIN DEFERRED")?;
         // Made first, so that an error below still ends the transaction.
