@@ -798,7 +798,7 @@ impl Engine {
             return self.index_new_tree(&Entries::default(), seq_read, &ctx, &ignore);
         }
         let ctx = Ctx::new(Some(&snapshot), scopes.is_none(), &ignore, &self.installing);
-        let mut found = scan::Found::default();
+        let mut observed: Vec<scan::Observed> = Vec::new();
         let mut missed = NotObserved::default();
         let roots: Vec<Option<&str>> = match scopes {
             None => vec![None],
@@ -806,14 +806,19 @@ impl Engine {
         };
         for scope in roots {
             let outcome = scan::scan(&self.root, scope, &self.excluded, &ctx)?;
-            found.extend(outcome.entries_logged(&self.name, &mut missed));
+            let more = outcome.entries_logged(&self.name, &mut missed);
+            if observed.is_empty() {
+                observed = more; // a full scan's one list, not copied
+            } else {
+                observed.extend(more);
+            }
         }
         self.after_walk_hook();
-        let entries = ctx.entries_for(&found.observed, scopes)?;
+        let entries = ctx.entries_for(&observed, scopes)?;
         drop(ctx);
         // The index is compared with as it was; what moved on since is caught below.
         drop(snapshot);
-        self.version_observed(found, missed, &entries, seq_read, scopes, &ignore)
+        self.version_observed(observed, missed, &entries, seq_read, scopes, &ignore)
             .map(|(n, _)| n)
     }
 
@@ -888,9 +893,9 @@ impl Engine {
         }
         part.hash_found(&self.root);
         let mut missed = NotObserved::default();
-        let found = part.entries_logged(&self.name, &mut missed);
+        let observed = part.entries_logged(&self.name, &mut missed);
         let (n, seq) =
-            self.version_observed(found, missed, entries, parts.seq_read, None, ignore)?;
+            self.version_observed(observed, missed, entries, parts.seq_read, None, ignore)?;
         parts.changed += n;
         parts.seq_read = seq;
         parts.files = (parts.files * 2).min(PART_FILES_MAX);
@@ -903,7 +908,7 @@ impl Engine {
     /// part of the same scan with.
     fn version_observed(
         &self,
-        found: scan::Found,
+        observed: Vec<scan::Observed>,
         missed: NotObserved,
         entries: &Entries,
         seq_read: u64,
@@ -948,8 +953,7 @@ impl Engine {
         // change is never left unindexed until the next full rescan. A directory
         // only counts if it stopped being one or its mode changed: its mtime moves
         // with every file installed into it, and rechecking it means walking it.
-        let deferred = found
-            .observed
+        let deferred = observed
             .iter()
             .filter(|o| installing.contains(&o.path))
             .filter(|o| match (o.kind, entries.get(&o.path)) {
@@ -960,7 +964,7 @@ impl Engine {
             .map(|o| o.path.clone())
             .collect::<Vec<_>>();
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let mut changes = detect(&self.name, entries, &found.observed, &in_scope, now, &skip);
+        let mut changes = detect(&self.name, entries, &observed, &in_scope, now, &skip);
         drop(not_observed);
         claimed.extend(deferred);
         self.recheck_after_install(claimed);

@@ -69,18 +69,17 @@ pub struct ScanOutcome {
 }
 
 impl ScanOutcome {
-    /// The entries, after logging the warnings as `node`'s; the unstable, the claimed and the unreadable paths go to the
-    /// caller's lists.
-    pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Found {
+    /// What the scan observed (all it found except what it found exactly as
+    /// indexed), after logging the warnings as `node`'s; the unstable, the
+    /// claimed and the unreadable paths go to the caller's lists.
+    pub fn entries_logged(self, node: &str, lists: &mut NotObserved) -> Vec<Observed> {
         for w in &self.warnings {
             tracing::warn!("{node}: {w}");
         }
         lists.unstable.extend(self.unstable);
         lists.claimed.extend(self.claimed);
         lists.unreadable.extend(self.unreadable);
-        Found {
-            observed: self.entries,
-        }
+        self.entries
     }
 
     /// Keeps `obs`, unless the context proves it unchanged.
@@ -103,24 +102,6 @@ impl ScanOutcome {
     fn unreadable(&mut self, rel: &str, why: String) {
         self.warnings.push(why);
         self.unreadable.push(rel.to_string());
-    }
-}
-
-/// What a scan observed: all it found except what it found exactly as indexed
-/// (see [`ScanOutcome`]).
-#[derive(Debug, Default)]
-pub struct Found {
-    pub observed: Vec<Observed>,
-}
-
-impl Found {
-    /// Adds `more` (another scope's scan) to this.
-    pub fn extend(&mut self, more: Found) {
-        if self.observed.is_empty() {
-            *self = more; // a full scan's one list, not copied
-        } else {
-            self.observed.extend(more.observed);
-        }
     }
 }
 
