@@ -253,6 +253,7 @@ pub struct Proof {
     pub stat: Option<StatKey>,
 }
 
+#[cfg(test)]
 impl Proof {
     /// `entry`'s proof.
     pub fn of(entry: &Entry) -> Proof {
@@ -303,7 +304,8 @@ impl ScanReader {
             self.conn
                 .query_row("SELECT COALESCE(MAX(seq), 0) FROM files", [], |r| r.get(0))?;
         // Both from an index's end, not a count of the rows (which a scan of a
-        // few paths would pay for the whole table).
+        // few paths would pay for the whole table); two queries, because SQLite
+        // reads a MAX from an index's end only when it is the query's one aggregate.
         let max_id: i64 =
             self.conn
                 .query_row("SELECT COALESCE(MAX(rowid), 0) FROM files", [], |r| {
@@ -387,35 +389,26 @@ impl Snapshot<'_> {
         seen: &Seen,
         f: &mut dyn FnMut(Entry),
     ) -> Result<(), StoreError> {
-        let mut each = |row: &Row<'_>| -> Result<(), StoreError> {
+        let mut stmt = match scope {
+            None => self.conn.prepare_cached(concat!(
+                "SELECT ",
+                columns!(),
+                ", rowid FROM files WHERE deleted = 0"
+            ))?,
+            Some(_) => self.conn.prepare_cached(concat!(
+                "SELECT ",
+                columns!(),
+                ", rowid FROM files WHERE deleted = 0 AND ",
+                in_scope!()
+            ))?,
+        };
+        let mut rows = match scope {
+            None => stmt.query([])?,
+            Some(path) => stmt.query(scope_params(path))?,
+        };
+        while let Some(row) = rows.next()? {
             if !seen.contains(row.get(ID_COLUMN)?) {
                 f(read_entry(row)?);
-            }
-            Ok(())
-        };
-        match scope {
-            None => {
-                let mut stmt = self.conn.prepare_cached(concat!(
-                    "SELECT ",
-                    columns!(),
-                    ", rowid FROM files WHERE deleted = 0"
-                ))?;
-                let mut rows = stmt.query([])?;
-                while let Some(row) = rows.next()? {
-                    each(row)?;
-                }
-            }
-            Some(path) => {
-                let mut stmt = self.conn.prepare_cached(concat!(
-                    "SELECT ",
-                    columns!(),
-                    ", rowid FROM files WHERE deleted = 0 AND ",
-                    in_scope!()
-                ))?;
-                let mut rows = stmt.query(scope_params(path))?;
-                while let Some(row) = rows.next()? {
-                    each(row)?;
-                }
             }
         }
         Ok(())
@@ -464,8 +457,8 @@ impl Seen {
         match self {
             Seen::Bits(bits) => {
                 // An id past the bits is not a row of the snapshot: nothing to mark.
-                if let Some(word) = usize::try_from(id).ok().and_then(|i| bits.get_mut(i / 64)) {
-                    *word |= 1 << (id % 64);
+                if let Some((word, bit)) = bit_of(bits.len(), id) {
+                    bits[word] |= bit;
                 }
             }
             Seen::Set(set) => {
@@ -476,13 +469,18 @@ impl Seen {
 
     pub fn contains(&self, id: i64) -> bool {
         match self {
-            Seen::Bits(bits) => usize::try_from(id)
-                .ok()
-                .and_then(|i| bits.get(i / 64).map(|w| w & (1 << (i % 64)) != 0))
-                .unwrap_or(false),
+            Seen::Bits(bits) => {
+                bit_of(bits.len(), id).is_some_and(|(word, bit)| bits[word] & bit != 0)
+            }
             Seen::Set(set) => set.contains(&id),
         }
     }
+}
+
+/// Where row `id`'s bit is in `words` words of bits: the word and its mask.
+fn bit_of(words: usize, id: i64) -> Option<(usize, u64)> {
+    let i = usize::try_from(id).ok()?;
+    (i / 64 < words).then(|| (i / 64, 1 << (i % 64)))
 }
 
 /// A read-only connection to the index at `path`, which a [`Store`] has already
