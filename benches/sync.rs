@@ -446,10 +446,20 @@ async fn latency(bench: &Bench) {
     a.shutdown().await;
 }
 
-async fn workload(bench: &Bench, what: &str, restart: bool) {
+/// One run of a workload: dirsync's time and CPU, and rsync's in the same round.
+struct Round {
+    ours: Duration,
+    cpu: f64,
+    rsync: Option<RsyncRun>,
+}
+
+/// Runs `what` from an empty peer, then `cp -a` and rsync of the same tree;
+/// `round` names this run's directories, which are removed at the end (a round
+/// of `large` takes 4 GiB while it runs).
+async fn workload(bench: &Bench, what: &str, restart: bool, round: usize) -> Round {
     let (da, db) = (
-        bench.dir(&format!("{what}-a")),
-        bench.dir(&format!("{what}-b")),
+        bench.dir(&format!("{what}-{round}-a")),
+        bench.dir(&format!("{what}-{round}-b")),
     );
     gen(what, &da);
     reset_peak_rss();
@@ -512,9 +522,13 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         Command::new("cp")
             .arg("-a")
             .arg(&da)
-            .arg(bench.tmp.path().join(format!("{what}-cp"))),
+            .arg(bench.tmp.path().join(format!("{what}-{round}-cp"))),
     );
-    let rs = rsync_time(&da, &bench.dir(&format!("{what}-rsync")), bench.tmp.path());
+    let rs = rsync_time(
+        &da,
+        &bench.dir(&format!("{what}-{round}-rsync")),
+        bench.tmp.path(),
+    );
     if let Some(cp) = cp {
         println!(
             "  cp -a: {:.3} s (dirsync / cp = {:.2}x)",
@@ -522,7 +536,7 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
             ours.as_secs_f64() / cp.as_secs_f64()
         );
     }
-    if let Some(rs) = rs {
+    if let Some(rs) = &rs {
         println!(
             "  rsync daemon over loopback: {:.3} s (dirsync / rsync = {:.2}x){}{}",
             rs.took.as_secs_f64(),
@@ -588,6 +602,88 @@ async fn workload(bench: &Bench, what: &str, restart: bool) {
         b.shutdown().await;
     }
     a.shutdown().await;
+    for dir in ["a", "b", "cp", "rsync"] {
+        let _ = std::fs::remove_dir_all(bench.tmp.path().join(format!("{what}-{round}-{dir}")));
+    }
+    Round {
+        ours,
+        cpu,
+        rsync: rs,
+    }
+}
+
+/// `rounds` runs of `what`, each next to an rsync run, and what they add up to:
+/// on a shared machine one round says little, and rsync's time drifts with
+/// dirsync's over the day, so the ratio is taken per round.
+async fn workload_rounds(bench: &Bench, what: &str, restart: bool, rounds: usize) {
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        if rounds > 1 {
+            println!("{what}, round {} of {rounds}:", round + 1);
+        }
+        all.push(workload(bench, what, restart && round == 0, round).await);
+    }
+    if rounds < 2 {
+        return;
+    }
+    let spread = |mut v: Vec<f64>| -> String {
+        v.sort_by(f64::total_cmp);
+        match (v.first(), v.last()) {
+            (Some(lo), Some(hi)) => format!("median {:.3} ({lo:.3}-{hi:.3})", median(&v)),
+            _ => "none".to_string(),
+        }
+    };
+    println!(
+        "{what} over {rounds} rounds: dirsync {} s, {} s of CPU",
+        spread(all.iter().map(|r| r.ours.as_secs_f64()).collect()),
+        spread(all.iter().map(|r| r.cpu).collect())
+    );
+    let pairs: Vec<(f64, &RsyncRun)> = all
+        .iter()
+        .filter_map(|r| r.rsync.as_ref().map(|rs| (r.ours.as_secs_f64(), rs)))
+        .collect();
+    if pairs.is_empty() {
+        println!("  (no rsync runs to compare with)");
+        return;
+    }
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(ours, rs)| ours / rs.took.as_secs_f64())
+        .collect();
+    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+    let met = ratios.iter().filter(|r| **r <= 1.0).count();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "  rsync {} s; dirsync / rsync per round {}: median {:.2}x, no slower in {met} of {}",
+        spread(pairs.iter().map(|(_, rs)| rs.took.as_secs_f64()).collect()),
+        listed.join(" "),
+        median(&ratios),
+        ratios.len()
+    );
+    let cpu_ratios: Vec<f64> = all
+        .iter()
+        .filter_map(|r| r.rsync.as_ref()?.cpu.map(|c| r.cpu / c.max(0.01)))
+        .collect();
+    if !cpu_ratios.is_empty() {
+        let mut sorted = cpu_ratios;
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "  CPU, dirsync / rsync: median {:.2}x ({:.2}x-{:.2}x)",
+            median(&sorted),
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+    }
+}
+
+/// The median of sorted, non-empty `v`.
+fn median(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Cutting one 256 MiB file into blocks, as both sides of a delta do: dirsync's
@@ -664,6 +760,13 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
+    // DIRSYNC_BENCH_ROUNDS=N runs `small` and `large` N times, each round next
+    // to an rsync run, and prints medians and the ratio per round.
+    let rounds = std::env::var("DIRSYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let bench = Bench::new();
     rt.block_on(async {
@@ -671,10 +774,10 @@ fn main() {
             latency(&bench).await;
         }
         if want("small") || want("restart") {
-            workload(&bench, "small", want("restart")).await;
+            workload_rounds(&bench, "small", want("restart"), rounds).await;
         }
         if want("large") {
-            workload(&bench, "large", false).await;
+            workload_rounds(&bench, "large", false, rounds).await;
         }
         if want("delta") {
             delta(&bench).await;
@@ -684,7 +787,7 @@ fn main() {
         }
         // Long (100,000 files are generated first): only when asked for.
         if args.iter().any(|a| a == "scale") {
-            workload(&bench, "many", true).await;
+            workload(&bench, "many", true, 0).await;
         }
     });
 }
