@@ -29,7 +29,7 @@ fuzz secs="60":
     cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
     cargo +nightly fuzz run frame_decode -- -max_total_time={{secs}}
 
-# Benchmarks with figures: latency, gen.py small/large vs cp -a and rsync (with memory per file), restart, delta (modify/insert vs rsync), cut (block cutting vs FastCDC's own streaming chunker); `just bench delta` runs one; `just bench scale` (100,000 tiny files) runs only when named
+# Benchmarks with figures: latency, gen.py small/large vs cp -a and rsync (with memory per file), restart, delta (modify/insert vs rsync), cut (block cutting vs FastCDC's own streaming chunker); `just bench delta` runs one; `just bench scale` (100,000 tiny files) runs only when named; DIRSYNC_BENCH_ROUNDS=N repeats small/large N times beside rsync and prints medians
 bench *which:
     command -v rsync >/dev/null || (apt-get update && apt-get install -y rsync)
     cargo bench --bench sync -- {{which}}

@@ -8,6 +8,9 @@
 //! the shared deterministic generator (`../shared/workloads/gen.py`, or
 //! `$DIRSYNC_WORKLOADS`). `DIRSYNC_BENCH_DIR=/dev/shm` runs everything on tmpfs,
 //! which takes the (shared, noisy) disk out of the comparison.
+//! `DIRSYNC_BENCH_ROUNDS=N` runs `small` and `large` N times, each round next to
+//! its own rsync run, and prints the medians, the ratio per round and in how
+//! many rounds dirsync was no slower: one run on a shared machine decides little.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
